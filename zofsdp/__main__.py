@@ -1,0 +1,5 @@
+import sys
+
+from zofsdp.cli import main
+
+sys.exit(main())

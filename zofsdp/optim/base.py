@@ -1,0 +1,59 @@
+"""What every ZO optimizer shares: the shards it may edit, the noise, and the loss oracle.
+
+An optimizer never sees the model or the backend. `loss_fn()` runs one forward pass of the whole global
+batch (each rank its slice) and returns the mean loss, already all-reduced: the same float on every rank.
+Everything an optimizer decides from it is therefore identical on every rank without further traffic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from zofsdp.config import ZOConfig
+from zofsdp.noise import Noise, Shard
+
+LossFn = Callable[[], float]
+
+
+class ZOOptimizer:
+    def __init__(self, shards: list[Shard], cfg: ZOConfig, seed: int, device: torch.device | str = "cpu"):
+        if not shards:
+            raise ValueError("no parameters to optimize on this rank")
+        self.shards = shards
+        self.cfg = cfg
+        self.seed = seed
+        self.noise = Noise(seed, kind=cfg.noise, chunk_numel=cfg.chunk_numel,
+                           table_numel=cfg.table_numel, device=device)
+
+    def step(self, loss_fn: LossFn, step: int) -> dict:
+        """One update; returns at least `loss`, `projected_grad` and `forward_passes` (this step)."""
+        raise NotImplementedError
+
+    def perturb(self, shards: list[Shard], key: tuple[int, ...], scale: float) -> None:
+        for shard in shards:
+            self.noise.add_(shard, key, scale)
+
+    def restore_and_update(self, shards: list[Shard], key: tuple[int, ...], restore: float,
+                           grad_scale: float | Callable[[Shard], float]) -> None:
+        """One pass: undo a `-restore * z` perturbation and apply θ ← θ − lr·(ĝ z + λθ).
+
+        With θ_now = θ − restore·z the target is θ(1 − lr·λ) − lr·ĝ·z, i.e.
+        θ_now·d + (restore·d − lr·ĝ)·z with d = 1 − lr·λ (d = 1 for biases and norms).
+        `grad_scale` is ĝ, or a function of the shard for per-block weights.
+        """
+        lr, wd = self.cfg.lr, self.cfg.weight_decay
+        for shard in shards:
+            g = grad_scale(shard) if callable(grad_scale) else grad_scale
+            decay = 1.0 - lr * wd if shard.decay and wd else 1.0
+            self.noise.add_(shard, key, restore * decay - lr * g, decay=decay)
+
+    @staticmethod
+    def finite(*values: float) -> bool:
+        return all(math.isfinite(v) for v in values)
+
+    def state_dict(self) -> dict:
+        """Optimizer state beyond the parameters (scores, rewards); empty for MeZO."""
+        return {}

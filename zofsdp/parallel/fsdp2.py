@@ -1,0 +1,49 @@
+"""PyTorch FSDP2 (`fully_shard`): each decoder layer, then the root, sharded on dim 0 over all ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from zofsdp.models import decoder_layers
+from zofsdp.parallel.base import Backend, init_distributed
+
+
+class FSDP2Backend(Backend):
+    name = "fsdp2"
+
+    def __init__(self) -> None:
+        self.rank, self.world_size, self.device = init_distributed()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        self._remember(model)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for layer in decoder_layers(model):
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        # The root (embeddings, final norm, lm head) must reshard too: left unsharded after a forward,
+        # edits to its shards would be silently ignored by the next forward.
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        self.model = model
+        return model
+
+    @torch.no_grad()  # in-place edits of a DTensor's local view are only legal without autograd
+    def local_params(self):
+        out = []
+        for name, p in self.model.named_parameters():
+            local = p.to_local()
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            # Shard(0): the local rows are one contiguous run of the flattened tensor.
+            start = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
+            out.append((name, local.view(-1), start, p.numel()))
+        return out
+
+    def full_state_dict(self):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.rank == 0 else None

@@ -1,0 +1,79 @@
+"""Batches of prompts -> candidate scores -> summed loss and number correct (the objective ZO optimizes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from zofsdp.tasks import Example
+
+
+@dataclass(slots=True)
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    candidate_ids: torch.Tensor
+    """[rows, max candidates]: first token of each candidate answer."""
+    candidate_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def rows(self, lo: int, hi: int) -> "Batch":
+        return Batch(*(getattr(self, f.name)[lo:hi] for f in fields(self)))
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+
+def first_token(tokenizer, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise ValueError(f"candidate {text!r} encodes to no tokens")
+    return ids[0]
+
+
+def encode(tokenizer, examples: list[Example], max_length: int) -> Batch:
+    """Left-padded prompts (the answer position is the last one) and candidate token ids."""
+    tokenizer.truncation_side = "left"
+    enc = tokenizer([e.prompt for e in examples], padding=True, truncation=True,
+                    max_length=max_length, return_tensors="pt")
+    mask = enc.attention_mask
+    # With left padding, positions must count real tokens only, or the model sees shifted positions.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    width = max(len(e.candidates) for e in examples)
+    cand = torch.zeros(len(examples), width, dtype=torch.long)
+    cand_mask = torch.zeros(len(examples), width, dtype=torch.bool)
+    for row, e in enumerate(examples):
+        ids = [first_token(tokenizer, c) for c in e.candidates]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"candidates {e.candidates} share a first token; pick distinct label words")
+        cand[row, : len(ids)] = torch.tensor(ids)
+        cand_mask[row, : len(ids)] = True
+    labels = torch.tensor([e.label for e in examples])
+    return Batch(enc.input_ids, mask, position_ids, cand, cand_mask, labels)
+
+
+def candidate_scores(model, batch: Batch) -> torch.Tensor:
+    """[rows, candidates] next-token logits of each candidate's first token after the prompt."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
+    logits = out.logits[:, -1, :].float()
+    scores = logits.gather(1, batch.candidate_ids)
+    return scores.masked_fill(~batch.candidate_mask, float("-inf"))
+
+
+def loss_and_correct(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the candidates, and the number of rows whose best candidate is gold."""
+    scores = candidate_scores(model, batch)
+    loss = F.cross_entropy(scores, batch.labels, reduction="sum")
+    correct = (scores.argmax(dim=1) == batch.labels).sum()
+    return loss, correct

@@ -1,0 +1,202 @@
+"""Setup shared by every command, the evaluation loop and the training loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zofsdp.config import RunConfig, save_config
+from zofsdp.metrics import MetricsLog, setup_logging
+from zofsdp.models import load_model, load_tokenizer
+from zofsdp.optim import build_optimizer
+from zofsdp.parallel import Backend, build_backend
+from zofsdp.scoring import Batch, encode, loss_and_correct
+from zofsdp.tasks import Example, Splits, get_task, sample_splits
+
+log = logging.getLogger("zofsdp")
+
+MAX_CONSECUTIVE_SKIPS = 5
+"""Non-finite losses: skip the update (restoring θ) and go on; this many in a row stop the run."""
+
+
+@dataclass
+class Session:
+    cfg: RunConfig
+    backend: Backend
+    tokenizer: object
+    model: torch.nn.Module
+    splits: Splits
+
+
+def setup(cfg: RunConfig, with_data: bool = True) -> Session:
+    """Process group, tokenizer, data, model (loaded then wrapped by the backend)."""
+    backend = build_backend(cfg.parallel.backend, cfg=cfg)
+    setup_logging(backend.rank)
+    if backend.name == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("parallel.backend=none runs one process; use fsdp2 or deepspeed under torchrun")
+    if cfg.train.batch_size < backend.world_size:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size "
+                         f"{backend.world_size}: every rank needs at least one row")
+    task = get_task(cfg.data.task)  # fail fast on a bad task name, before loading a model
+    splits = Splits([], [], [])
+    if with_data:
+        d = cfg.data
+        splits = sample_splits(task, d.dir, d.num_train, d.num_dev, d.num_eval, cfg.train.seed)
+        log.info("%s: %d train, %d dev, %d eval examples from %s", task.name, len(splits.train),
+                 len(splits.dev), len(splits.eval), d.dir or "the hub")
+    tokenizer = load_tokenizer(cfg.model)
+    model = backend.wrap(load_model(cfg.model, len(tokenizer), device="cpu"))
+    return Session(cfg, backend, tokenizer, model, splits)
+
+
+def local_rows(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous slice of a global batch (sizes differ by at most one)."""
+    return rank * num_rows // world_size, (rank + 1) * num_rows // world_size
+
+
+@torch.no_grad()
+def global_loss(session: Session, batch: Batch) -> tuple[float, float]:
+    """(mean loss, accuracy) of a global batch: each rank scores its rows, two scalars are all-reduced."""
+    backend = session.backend
+    lo, hi = local_rows(len(batch), backend.rank, backend.world_size)
+    weight = 1.0
+    if hi == lo:  # more ranks than rows: run a forward anyway (sharded layers gather collectively)
+        lo, hi, weight = 0, 1, 0.0
+    loss, correct = loss_and_correct(session.model, batch.rows(lo, hi).to(backend.device))
+    totals = torch.stack([loss.float() * weight, correct.float() * weight])
+    totals = backend.all_reduce_sum(totals).tolist()
+    return totals[0] / len(batch), totals[1] / len(batch)
+
+
+def evaluate(session: Session, examples: list[Example]) -> dict:
+    """Accuracy and mean loss over `examples`, in global batches of train.eval_batch_size."""
+    size, total_loss, total_correct = session.cfg.train.eval_batch_size, 0.0, 0.0
+    for start in range(0, len(examples), size):
+        chunk = examples[start : start + size]
+        loss, acc = global_loss(session, encode(session.tokenizer, chunk, session.cfg.model.max_length))
+        total_loss += loss * len(chunk)
+        total_correct += acc * len(chunk)
+    n = max(len(examples), 1)
+    return {"eval_accuracy": total_correct / n, "eval_loss": total_loss / n, "eval_examples": len(examples)}
+
+
+def batches(examples: list[Example], batch_size: int, seed: int):
+    """Endless shuffled batches, reshuffled every epoch from the seed (the same on every rank)."""
+    epoch = 0
+    while True:
+        order = list(range(len(examples)))
+        random.Random(seed * 1000003 + epoch).shuffle(order)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield [examples[i] for i in order[start : start + batch_size]]
+        if len(order) < batch_size:
+            yield [examples[i] for i in order]
+        epoch += 1
+
+
+def held_out(session: Session) -> list[Example]:
+    return session.splits.eval if session.cfg.data.eval_split == "eval" else session.splits.dev
+
+
+def train(cfg: RunConfig) -> dict:
+    """Fine-tune; returns the last evaluation. Writes config.yaml, metrics.jsonl and model/ on rank 0."""
+    session = setup(cfg)
+    try:
+        return _train_loop(session)
+    finally:
+        session.backend.close()
+
+
+def _train_loop(session: Session) -> dict:
+    cfg, backend = session.cfg, session.backend
+    out = Path(cfg.train.output_dir)
+    is_main = backend.rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl" if is_main else None)
+    optimizer = build_optimizer(cfg.zo, backend.shards(), cfg.train.seed, backend.device)
+    data = batches(session.splits.train, cfg.train.batch_size, cfg.train.seed)
+
+    result = _evaluate_and_log(session, metrics, step=0)
+    totals = {"forward_passes": 0, "tokens": 0, "wall_s": 0.0, "forward_s": 0.0, "skipped_steps": 0}
+    skips_in_a_row = 0
+    progress = _progress(cfg.train.steps, is_main)
+    for step in range(1, cfg.train.steps + 1):
+        batch = encode(session.tokenizer, next(data), cfg.model.max_length)
+        forward_s = [0.0]
+
+        def loss_fn() -> float:
+            start = time.perf_counter()
+            loss, _ = global_loss(session, batch)
+            forward_s[0] += time.perf_counter() - start
+            totals["tokens"] += batch.num_tokens
+            return loss
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            record = optimizer.step(loss_fn, step)
+        step_s = time.perf_counter() - start
+        skipped = bool(record.pop("skipped", False))
+        skips_in_a_row = skips_in_a_row + 1 if skipped else 0
+        totals["skipped_steps"] += skipped
+        if skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
+            raise FloatingPointError(f"{skips_in_a_row} steps in a row gave non-finite losses (step {step}); "
+                                     "lower zo.lr or zo.eps, or use model.dtype=float32")
+        if skipped:
+            log.warning("step %d: non-finite loss, update skipped (%d so far)", step, totals["skipped_steps"])
+        totals["forward_passes"] += record.pop("forward_passes")
+        totals["wall_s"] += step_s
+        totals["forward_s"] += forward_s[0]
+        if step % cfg.train.log_every == 0 or skipped:
+            metrics.log({"step": step, **record, **totals, "step_s": step_s, "skipped": skipped})
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{result['eval_accuracy']:.3f}")
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            result = _evaluate_and_log(session, metrics, step)
+    progress.close()
+    if cfg.train.steps:
+        result = _evaluate_and_log(session, metrics, cfg.train.steps)
+    if cfg.train.save_model:
+        save_model(session, out / "model")
+    metrics.close()
+    return result
+
+
+def _evaluate_and_log(session: Session, metrics: MetricsLog, step: int) -> dict:
+    examples = held_out(session)
+    start = time.perf_counter()
+    result = evaluate(session, examples)
+    metrics.log({"step": step, **result, "eval_split": session.cfg.data.eval_split,
+                 "eval_s": time.perf_counter() - start})
+    log.info("step %d: %s accuracy %.4f, loss %.4f (%d examples)", step, session.cfg.data.eval_split,
+             result["eval_accuracy"], result["eval_loss"], len(examples))
+    return result
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=1.0)
+
+
+def save_model(session: Session, folder: Path) -> None:
+    """Consolidate the shards (a collective) and write a safetensors folder that from_pretrained loads."""
+    state = session.backend.full_state_dict()
+    if session.backend.rank == 0:
+        from transformers import AutoModelForCausalLM
+
+        config = session.model.config
+        with torch.device("meta"):
+            shell = AutoModelForCausalLM.from_config(config)  # a plain (unwrapped) class to save from
+        state = {k: v.contiguous() for k, v in state.items()}
+        shell.save_pretrained(folder, state_dict=state)
+        session.tokenizer.save_pretrained(folder)
+        log.info("saved the model to %s", folder)
+    session.backend.barrier()
