@@ -15,7 +15,9 @@ def _common(sub: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zofsdp", description="Zeroth-order fine-tuning on sharded models.")
+    p = argparse.ArgumentParser(
+        prog="zofsdp", description="Zeroth-order fine-tuning on sharded models.",
+        epilog="also: `zofsdp memory --help` (memory report), `zofsdp bench --help` (benchmarks)")
     commands = p.add_subparsers(dest="command", required=True)
     _common(commands.add_parser("train", help="fine-tune with a ZO optimizer"))
     ev = commands.add_parser("eval", help="accuracy of a model (base or saved run) on the held-out split")
@@ -24,7 +26,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Commands with their own argument parsers, in their own modules.
+SUBPROGRAMS = {"memory": "zofsdp.memory", "bench": "zofsdp.bench"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBPROGRAMS:
+        import importlib
+
+        return importlib.import_module(SUBPROGRAMS[argv[0]]).main(argv[1:])
     args, extra = parser().parse_known_args(argv)
     # deepspeed's launcher appends --local_rank=N; the rank also arrives in the environment.
     extra = [a for a in extra if not a.startswith("--local_rank")]
