@@ -68,6 +68,8 @@ class TrainConfig:
     save_model: bool = True
     """Write the consolidated model (safetensors) to output_dir/model at the end."""
     log_every: int = 1
+    dump_state_every: int = 0
+    """Write the optimizer's state (block scores, rewards) as JSON every N steps; 0 = never."""
 
 
 @dataclass(kw_only=True, slots=True)

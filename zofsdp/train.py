@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -13,7 +14,7 @@ import torch
 
 from zofsdp.config import RunConfig, save_config
 from zofsdp.metrics import MetricsLog, setup_logging
-from zofsdp.models import load_model, load_tokenizer
+from zofsdp.models import load_tokenizer
 from zofsdp.optim import build_optimizer
 from zofsdp.parallel import Backend, build_backend
 from zofsdp.scoring import Batch, encode, loss_and_correct
@@ -51,7 +52,7 @@ def setup(cfg: RunConfig, with_data: bool = True) -> Session:
         log.info("%s: %d train, %d dev, %d eval examples from %s", task.name, len(splits.train),
                  len(splits.dev), len(splits.eval), d.dir or "the hub")
     tokenizer = load_tokenizer(cfg.model)
-    model = backend.wrap(load_model(cfg.model, len(tokenizer), device="cpu"))
+    model = backend.wrap(backend.load_model(cfg.model, len(tokenizer)))
     return Session(cfg, backend, tokenizer, model, splits)
 
 
@@ -158,6 +159,8 @@ def _train_loop(session: Session) -> dict:
             metrics.log({"step": step, **record, **totals, "step_s": step_s, "skipped": skipped})
         progress.update(1)
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{result['eval_accuracy']:.3f}")
+        if is_main and cfg.train.dump_state_every and step % cfg.train.dump_state_every == 0:
+            _dump_state(optimizer, out / "optimizer_state" / f"step_{step:06d}.json")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             result = _evaluate_and_log(session, metrics, step)
     progress.close()
@@ -178,6 +181,12 @@ def _evaluate_and_log(session: Session, metrics: MetricsLog, step: int) -> dict:
     log.info("step %d: %s accuracy %.4f, loss %.4f (%d examples)", step, session.cfg.data.eval_split,
              result["eval_accuracy"], result["eval_loss"], len(examples))
     return result
+
+
+def _dump_state(optimizer, path: Path) -> None:
+    """The optimizer's small state (CurvZO block scores, AdaLeZO rewards) as JSON, for inspection."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(optimizer.state_dict(), indent=1))
 
 
 def _progress(total: int, enabled: bool):

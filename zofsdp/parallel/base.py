@@ -49,6 +49,12 @@ class Backend(ABC):
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
+    def load_model(self, cfg, vocab_size: int) -> nn.Module:
+        """Build the model on this rank (DeepSpeed overrides this to load straight into partitions)."""
+        from zofsdp.models import load_model
+
+        return load_model(cfg, vocab_size, device="cpu")
+
     @abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:
         """Shard (or not) the model; returns the module to call for forwards."""
