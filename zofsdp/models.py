@@ -147,19 +147,23 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def param_info(model: nn.Module) -> dict[str, tuple[bool, str]]:
-    """name -> (weight decay applies, layer group), from module types and the layer structure."""
-    decay = {}
+    """name -> (weight decay applies, layer group), from module types and the layer structure.
+
+    Groups: `layers.<i>` for the decoder blocks, `embed` for embedding tables outside them, `head` for
+    everything else outside them (final norm, lm head, projections).
+    """
+    owner = {}
     for module_name, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{pname}" if module_name else pname
-            decay[full] = pname == "weight" and isinstance(module, (nn.Linear, nn.Embedding))
+            owner[f"{module_name}.{pname}" if module_name else pname] = (module, pname)
     layer_of = {}
     for index, layer in enumerate(decoder_layers(model)):
         for p in layer.parameters():
             layer_of[id(p)] = f"layers.{index}"
-    info, seen_layer = {}, False
+    info = {}
     for name, p in model.named_parameters():
-        group = layer_of.get(id(p))
-        seen_layer = seen_layer or group is not None
-        info[name] = (decay.get(name, False), group or ("head" if seen_layer else "embed"))
+        module, pname = owner[name]
+        decay = pname == "weight" and isinstance(module, (nn.Linear, nn.Embedding))
+        group = layer_of.get(id(p)) or ("embed" if isinstance(module, nn.Embedding) else "head")
+        info[name] = (decay, group)
     return info

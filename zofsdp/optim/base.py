@@ -19,10 +19,14 @@ LossFn = Callable[[], float]
 
 
 class ZOOptimizer:
-    def __init__(self, shards: list[Shard], cfg: ZOConfig, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, shards: list[Shard], cfg: ZOConfig, seed: int, device: torch.device | str = "cpu",
+                 blocks: list[tuple[str, int, str]] | None = None):
         if not shards:
             raise ValueError("no parameters to optimize on this rank")
         self.shards = shards
+        # (name, full numel, group) of every parameter, identical on every rank: samplers index blocks by
+        # it, since a rank's shards can miss a tensor it owns no rows of. Default: what the shards show.
+        self.blocks = blocks or [(s.name, s.full_numel, s.group) for s in shards]
         self.cfg = cfg
         self.seed = seed
         self.noise = Noise(seed, kind=cfg.noise, chunk_numel=cfg.chunk_numel,
@@ -33,22 +37,22 @@ class ZOOptimizer:
         raise NotImplementedError
 
     def perturb(self, shards: list[Shard], key: tuple[int, ...], scale: float) -> None:
+        """θ += scale·z on each shard (exactly undone by the opposite scale; see Noise._step)."""
         for shard in shards:
             self.noise.add_(shard, key, scale)
 
     def restore_and_update(self, shards: list[Shard], key: tuple[int, ...], restore: float,
                            grad_scale: float | Callable[[Shard], float]) -> None:
-        """One pass: undo a `-restore * z` perturbation and apply θ ← θ − lr·(ĝ z + λθ).
+        """One pass: undo a `-restore * z` perturbation exactly, then θ ← θ(1 − lr·λ) − lr·ĝ·z.
 
-        With θ_now = θ − restore·z the target is θ(1 − lr·λ) − lr·ĝ·z, i.e.
-        θ_now·d + (restore·d − lr·ĝ)·z with d = 1 − lr·λ (d = 1 for biases and norms).
-        `grad_scale` is ĝ, or a function of the shard for per-block weights.
+        λ applies only to shards flagged `decay` (weight matrices). `grad_scale` is ĝ, or a function of
+        the shard for per-block weights (importance sampling).
         """
         lr, wd = self.cfg.lr, self.cfg.weight_decay
         for shard in shards:
             g = grad_scale(shard) if callable(grad_scale) else grad_scale
             decay = 1.0 - lr * wd if shard.decay and wd else 1.0
-            self.noise.add_(shard, key, restore * decay - lr * g, decay=decay)
+            self.noise.restore_update_(shard, key, restore, -lr * g, decay)
 
     @staticmethod
     def finite(*values: float) -> bool:

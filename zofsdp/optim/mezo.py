@@ -3,8 +3,9 @@
 Estimator: with z ~ N(0, I) and ℓ± = L(θ ± εz), the projected gradient g = (ℓ₊ − ℓ₋)/(2ε) gives
 ĝ = g·z, an unbiased estimate of ∇L up to O(ε²). Update θ ← θ − η(ĝ + λθ), λ only on weight matrices.
 
-Three passes over the shards per step instead of the reference code's four: +εz, −2εz, then restore and
-update fused into θ += (ε − η·g)·z. z is never stored: each pass regenerates it from the shared seed.
+Three passes over the shards per step instead of the reference code's four: +εz, −2εz, then the restore
+and the update in one pass (each chunk of z generated once). z is never stored: each pass regenerates it
+from the shared seed.
 """
 
 from __future__ import annotations
