@@ -74,30 +74,42 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CurvZOConfig:
+    """CurvZO (zofsdp/optim/curvzo.py; choices explained in docs/optimizers.md)."""
+
     budget_min: float = 0.1
     """Smallest expected fraction of parameters perturbed per step."""
     budget_max: float = 0.5
     """Largest expected fraction of parameters perturbed per step."""
     budget_init: float = 0.3
+    """Budget of the first step (and the fixed budget when adaptive_budget is false)."""
     pi_min: float = 0.05
     """Every block is kept with probability at least this (keeps it explorable, bounds the variance)."""
     ema: float = 0.9
     """EMA rate of the curvature scores (weight of the old score)."""
+    unkept_decay: float = 0.01
+    """Per step, an unkept block's score moves this fraction of the way toward the mean score."""
+    score_scaling: Literal["ht", "none"] = "ht"
+    """Score s_b = Δ²/π_b² (`ht`: the HT-scaled direction, as the paper) or Δ² (`none`)."""
     budget_ema: float = 0.9
+    """EMA rate of the budget toward its target (weight of the old budget)."""
     adaptive_budget: bool = True
+    """Move the budget with the flatness of the scores; false keeps budget_init."""
     granularity: Literal["tensor", "layer"] = "tensor"
+    """A block is one parameter tensor, or one layer group (`embed`, `layers.<i>`, `head`)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class AdaLeZOConfig:
+    """AdaLeZO (zofsdp/optim/adalezo.py; choices explained in docs/optimizers.md)."""
+
     rho: float = 0.25
     """Fraction of layers drawn per step: k = ceil(rho * N)."""
     gamma: float = 0.1
     """Uniform mixing weight of the sampling distribution."""
     tau: float = 1.0
-    """Softmax temperature on the normalised rewards."""
+    """Softmax temperature on the rewards normalised by their maximum."""
     alpha: float = 0.9
-    """EMA discount of the rewards."""
+    """EMA discount of the rewards (weight of the old reward)."""
     max_weight: float = 10.0
     """Clip of the inverse-probability weight c/(k p); 0 disables the clip (unbiased)."""
 
@@ -155,9 +167,14 @@ def check(cfg: RunConfig) -> None:
             "zo.curvzo needs 0 < pi_min <= budget_min <= budget_init <= budget_max <= 1, got "
             f"{c.pi_min}, {c.budget_min}, {c.budget_init}, {c.budget_max}"
         )
+    if not (0 <= c.ema < 1 and 0 <= c.budget_ema < 1 and 0 <= c.unkept_decay <= 1):
+        raise ValueError("zo.curvzo needs 0 <= ema < 1, 0 <= budget_ema < 1 and 0 <= unkept_decay <= 1, got "
+                         f"{c.ema}, {c.budget_ema}, {c.unkept_decay}")
     a = cfg.zo.adalezo
     if not (0 < a.rho <= 1 and 0 <= a.gamma <= 1 and a.tau > 0 and 0 <= a.alpha < 1):
         raise ValueError("zo.adalezo needs 0 < rho <= 1, 0 <= gamma <= 1, tau > 0, 0 <= alpha < 1")
+    if a.max_weight < 0 or 0 < a.max_weight < 1:
+        raise ValueError(f"zo.adalezo.max_weight must be 0 (no clip) or >= 1, got {a.max_weight}")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -87,6 +87,11 @@ class Backend(ABC):
             out.append(Shard(name, data, start, full, block_id(name), decay, group))
         return out
 
+    def blocks(self) -> list[tuple[str, int, str]]:
+        """(name, full numel, layer group) of every parameter, empty local shards included: the same list
+        on every rank, so samplers that index tensors (CurvZO, AdaLeZO) agree across ranks."""
+        return [(name, full, self._param_info[name][1]) for name, _, _, full in self.local_params()]
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

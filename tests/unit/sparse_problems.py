@@ -1,0 +1,57 @@
+"""Small synthetic problems for the sparse-optimizer unit tests: `Shard`s built directly on tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from zofsdp.config import ZOConfig
+from zofsdp.noise import Shard, block_id
+
+
+class Quadratic:
+    """L(θ) = ½ Σ_b h_b ‖θ_b‖², one block (= one tensor, one layer) per entry of `sizes`; θ starts at 1.
+
+    The central difference of a quadratic is exact, so Δ = uᵀ∇L up to float64 rounding.
+    """
+
+    def __init__(self, sizes: list[int], curvature: list[float], dtype=torch.float64):
+        self.theta = torch.ones(sum(sizes), dtype=dtype)
+        self.h = torch.cat([torch.full((n,), c, dtype=dtype) for n, c in zip(sizes, curvature)])
+        self.params = list(self.theta.split(sizes))  # views: the shards edit theta in place
+        names = [f"model.layers.{i}.weight" for i in range(len(sizes))]
+        self.shards = [Shard(name, p, 0, p.numel(), block_id(name), False, f"layers.{i}")
+                       for i, (name, p) in enumerate(zip(names, self.params))]
+
+    def loss(self) -> float:
+        return float(0.5 * (self.h * self.theta * self.theta).sum())
+
+    def grad(self) -> torch.Tensor:
+        return self.h * self.theta
+
+    def flat(self) -> torch.Tensor:
+        return self.theta.clone()
+
+    def load(self, flat: torch.Tensor) -> None:
+        self.theta.copy_(flat)
+
+
+def zo_config(**kw) -> ZOConfig:
+    kw.setdefault("eps", 1e-3)
+    kw.setdefault("chunk_numel", 1024)
+    return ZOConfig(**kw)
+
+
+def estimates(opt, problem: Quadratic, num_draws: int, first_step: int = 1, on_step=None) -> torch.Tensor:
+    """ĝ of `num_draws` steps, each taken from the same θ (reset after the step): [num_draws, d].
+
+    With lr = 1, ĝ = θ_before − θ_after; the optimizer's own state (scores, rewards) keeps evolving.
+    """
+    theta = problem.flat()
+    out = torch.empty(num_draws, theta.numel(), dtype=torch.float64)
+    for i in range(num_draws):
+        if on_step is not None:
+            on_step(opt)
+        opt.step(problem.loss, first_step + i)
+        out[i] = (theta - problem.flat()) / opt.cfg.lr
+        problem.load(theta)
+    return out
