@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from zofsdp.config import ZOConfig
@@ -55,3 +57,9 @@ def estimates(opt, problem: Quadratic, num_draws: int, first_step: int = 1, on_s
         out[i] = (theta - problem.flat()) / opt.cfg.lr
         problem.load(theta)
     return out
+
+
+def chi_square(draws: torch.Tensor, truth: torch.Tensor) -> float:
+    """Σ_i ((mean_i − truth_i) / SE_i)²: ~χ²(d) when the estimator is unbiased."""
+    se = draws.std(dim=0) / math.sqrt(draws.shape[0])
+    return float((((draws.mean(dim=0) - truth) / se) ** 2).sum())

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tests.unit.sparse_problems import Quadratic, estimates, zo_config
+from tests.unit.sparse_problems import Quadratic, chi_square, estimates, zo_config
 
 from zofsdp.config import CurvZOConfig
 from zofsdp.noise import Shard, block_id
@@ -15,12 +15,6 @@ from zofsdp.optim.mezo import MeZO
 from zofsdp.optim.sampling import budgeted_probs, build_units
 
 GEOMETRIC = [0.5**i for i in range(6)]
-
-
-def chi_square(draws: torch.Tensor, truth: torch.Tensor) -> float:
-    """Σ_i ((mean_i − truth_i) / SE_i)²: ~χ²(d) when the estimator is unbiased."""
-    se = draws.std(dim=0) / math.sqrt(draws.shape[0])
-    return float((((draws.mean(dim=0) - truth) / se) ** 2).sum())
 
 
 def test_ht_estimate_is_unbiased():
