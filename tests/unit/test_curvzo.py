@@ -9,7 +9,6 @@ import torch
 from tests.unit.sparse_problems import Quadratic, chi_square, estimates, zo_config
 
 from zofsdp.config import CurvZOConfig
-from zofsdp.noise import Shard, block_id
 from zofsdp.optim.curvzo import CurvZO
 from zofsdp.optim.mezo import MeZO
 from zofsdp.optim.sampling import budgeted_probs, build_units
