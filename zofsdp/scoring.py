@@ -72,8 +72,12 @@ def candidate_scores(model, batch: Batch) -> torch.Tensor:
 
 
 def loss_and_correct(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the candidates, and the number of rows whose best candidate is gold."""
+    """Summed cross-entropy over the candidates, and the number of rows whose best candidate is gold.
+
+    The sum is taken in float64 so that it does not depend on how the batch is split over ranks: the
+    projected gradient divides a loss difference by 2ε and would amplify fp32 summation-order noise.
+    """
     scores = candidate_scores(model, batch)
-    loss = F.cross_entropy(scores, batch.labels, reduction="sum")
+    loss = F.cross_entropy(scores, batch.labels, reduction="none").double().sum()
     correct = (scores.argmax(dim=1) == batch.labels).sum()
     return loss, correct

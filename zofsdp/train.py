@@ -70,7 +70,7 @@ def global_loss(session: Session, batch: Batch) -> tuple[float, float]:
     if hi == lo:  # more ranks than rows: run a forward anyway (sharded layers gather collectively)
         lo, hi, weight = 0, 1, 0.0
     loss, correct = loss_and_correct(session.model, batch.rows(lo, hi).to(backend.device))
-    totals = torch.stack([loss.float() * weight, correct.float() * weight])
+    totals = torch.stack([loss * weight, correct.double() * weight])
     totals = backend.all_reduce_sum(totals).tolist()
     return totals[0] / len(batch), totals[1] / len(batch)
 
