@@ -167,7 +167,7 @@ class DeepSpeedBackend(Backend):
         _set_environment()
         import deepspeed
 
-        self.ds_config = deepspeed_config(cfg)  # validate before starting processes talking
+        self.ds_config = deepspeed_config(cfg)  # a config that cannot work fails here, before any collective
         self.rank, self.world_size, self.device = init_distributed()
         # Wraps the process group made above (deepspeed's comm layer must know it before initialize).
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
