@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from zofsdp.config import RunConfig, save_config
 from zofsdp.metrics import MetricsLog, setup_logging
@@ -78,7 +79,8 @@ def global_loss(session: Session, batch: Batch) -> tuple[float, float]:
 def evaluate(session: Session, examples: list[Example]) -> dict:
     """Accuracy and mean loss over `examples`, in global batches of train.eval_batch_size."""
     size, total_loss, total_correct = session.cfg.train.eval_batch_size, 0.0, 0.0
-    for start in range(0, len(examples), size):
+    starts = range(0, len(examples), size)
+    for start in tqdm(starts, desc="eval", leave=False, disable=session.backend.rank != 0 or len(starts) < 4):
         chunk = examples[start : start + size]
         loss, acc = global_loss(session, encode(session.tokenizer, chunk, session.cfg.model.max_length))
         total_loss += loss * len(chunk)
@@ -191,8 +193,6 @@ def _dump_state(optimizer, path: Path) -> None:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=1.0)
 
 
