@@ -127,15 +127,17 @@ def check_user_config(user: dict, dtype: str, source: str = "DeepSpeed config") 
             raise ValueError(f"{where}: zero_optimization.{key}.device is {device!r}: {reason}. "
                              f"Remove '{key}' or set its device to \"none\".")
     if zero.get("zero_hpz_partition_size", 1) != 1:
-        raise ValueError(f"{where}: zero_hpz_partition_size must be 1. hpZ gathers from a secondary copy of "
-                         "the partitions that only an optimizer step refreshes, so perturbations would be ignored.")
+        raise ValueError(f"{where}: zero_hpz_partition_size must be 1. hpZ gathers from a secondary copy "
+                         "of the partitions that only an optimizer step refreshes: perturbations would be "
+                         "ignored.")
     if zero.get("zero_quantized_weights", False):
         raise ValueError(f"{where}: zero_quantized_weights must be false: a quantized all-gather rounds the "
                          "perturbation away (the two ZO forwards would not see θ ± εz).")
     if (user.get("torch_autocast") or {}).get("enabled", False):
         raise ValueError(f"{where}: remove 'torch_autocast': the compute dtype comes from model.dtype.")
     if zero.get("mics_shard_size", -1) > 0:
-        raise ValueError(f"{where}: MiCS (mics_shard_size) is not supported: it changes the partition layout.")
+        raise ValueError(f"{where}: MiCS (mics_shard_size) is not supported: it changes the partition "
+                         "layout.")
 
 
 def tiny_checkpoint(cfg: ModelConfig, vocab_size: int) -> Path:
@@ -149,7 +151,8 @@ def tiny_checkpoint(cfg: ModelConfig, vocab_size: int) -> Path:
 
     from zofsdp.models import cache_root, file_lock, load_model
 
-    tag = f"{cfg.name_or_path}-v{vocab_size}-{cfg.dtype}-tf{transformers.__version__}-torch{torch.__version__}"
+    versions = f"tf{transformers.__version__}-torch{torch.__version__}"
+    tag = f"{cfg.name_or_path}-v{vocab_size}-{cfg.dtype}-{versions}"
     target = cache_root(cfg) / "tiny" / tag.replace("+", "_")
     with file_lock(target.with_suffix(".lock")):
         if not (target / "config.json").is_file():
@@ -215,8 +218,8 @@ class DeepSpeedBackend(Backend):
 
         held = [n for n, p in module.named_parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
         if held:
-            raise RuntimeError(f"ZeRO-3 kept {len(held)} parameters gathered after a forward (e.g. {held[0]}): "
-                               "edits to their partitions would be ignored. Check the DeepSpeed config "
+            raise RuntimeError(f"ZeRO-3 kept {len(held)} parameters gathered after a forward "
+                               f"(e.g. {held[0]}): edits to their partitions would be ignored. Check the DeepSpeed config "
                                "(persistence threshold, hpZ).")
 
     @torch.no_grad()
