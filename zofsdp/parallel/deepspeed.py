@@ -219,7 +219,8 @@ class DeepSpeedBackend(Backend):
         held = [n for n, p in module.named_parameters() if p.ds_status != ZeroParamStatus.NOT_AVAILABLE]
         if held:
             raise RuntimeError(f"ZeRO-3 kept {len(held)} parameters gathered after a forward "
-                               f"(e.g. {held[0]}): edits to their partitions would be ignored. Check the DeepSpeed config "
+                               f"(e.g. {held[0]}): edits to their partitions would be ignored. Check "
+                               "the DeepSpeed config "
                                "(persistence threshold, hpZ).")
 
     @torch.no_grad()
