@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_golden_trajectory(tmp_path):
     """A fixed-seed 3-step run pinned to recorded numbers: a refactor must not change the maths."""
     steps = train_metrics(tmp_path, "tiny-llama", "none", 0, ["train.steps=3"])
     got = [{k: r[k] for k in ("step", "loss", "projected_grad")} for r in steps]
-    if not GOLDEN.exists():  # first run records; the file is committed
+    if os.environ.get("ZOFSDP_UPDATE_GOLDEN") == "1":  # deliberate re-recording after a maths change
         GOLDEN.write_text(json.dumps(got, indent=1))
     assert_same_trajectory(json.loads(GOLDEN.read_text()), got)
 
