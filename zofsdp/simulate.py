@@ -132,8 +132,9 @@ def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_l
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         with fake_mode:
             model.to_empty(device="cpu")
-            if world_size == 1:
-                model = backend.wrap(model)
+            if world_size == 1:  # NoneBackend.wrap minus its `.to(device)`, which fake parameters refuse
+                backend._remember(model)
+                backend.model = model
         result = _measure(model, backend, fake_mode, config.vocab_size, rows, seq_len, optimizers, base_cfg)
     result.update(stats=model_stats(config), rows_per_rank=rows)
     return result
@@ -158,7 +159,7 @@ def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int
 
     with fake_mode:
         forward()  # warm-up: FSDP2's lazy initialisation, outside the measurement
-    shards = backend.shards()
+    shards, blocks = backend.shards(), backend.blocks()
     tracker = make_tracker(model)
     inference = measure_inference(tracker, forward, forward_mode)
     results = {}
@@ -166,7 +167,7 @@ def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int
         cfg = dataclasses.replace(base_cfg, optimizer=name)
 
         def build():
-            opt = build_optimizer(cfg, shards, 0, "cpu")
+            opt = build_optimizer(cfg, shards, 0, "cpu", blocks=blocks)
             opt.noise.pieces = _sampled_pieces(opt.noise)
             return opt
 
