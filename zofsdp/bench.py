@@ -123,6 +123,14 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+def timed2(fn) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process, result). On a shared machine the CPU time is the
+    cross-check that descheduling cannot inflate (with one thread; more threads add spin-waiting)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 
@@ -199,29 +207,34 @@ def section_overhead(args: argparse.Namespace) -> dict:
 
     forward = forward_of(session.model)
     losses = {name: forward_of(getattr(p, "model", session.model)) for name, p in players.items()}
-    forward_s, step_s, passes, errors = [], {name: [] for name in players}, {}, {}
+    forward_s, forward_cpu, passes, errors = [], [], {}, {}
+    step_s, step_cpu = {name: [] for name in players}, {name: [] for name in players}
     with torch.no_grad():
         for rep in range(args.reps + 1):  # repetition 0 warms up (allocator, lazy init) and is dropped
-            t_fwd, _ = timed(forward)
+            t_fwd, c_fwd, _ = timed2(forward)
             for name, player in list(players.items()):
                 try:
-                    t_step, record = timed(lambda: player.step(losses[name], rep + 1))
+                    t_step, c_step, record = timed2(lambda: player.step(losses[name], rep + 1))
                 except Exception as err:  # an optimizer under construction must not sink the others
                     errors[name] = f"{type(err).__name__}: {err}"
                     print(f"[bench] overhead: {name} failed: {errors[name]}", file=sys.stderr)
-                    del players[name], step_s[name]
+                    del players[name], step_s[name], step_cpu[name]
                     continue
                 passes[name] = record["forward_passes"]
                 if rep:
                     step_s[name].append(t_step)
+                    step_cpu[name].append(c_step)
             if rep:
                 forward_s.append(t_fwd)
+                forward_cpu.append(c_fwd)
     session.backend.close()
-    fwd = median(forward_s)
+    fwd, fwd_cpu = median(forward_s), median(forward_cpu)
     ratios = {name: median(times) / (passes[name] * fwd) for name, times in step_s.items()}
-    return {"step_overhead": ratios,
+    ratios_cpu = {name: median(times) / (passes[name] * fwd_cpu) for name, times in step_cpu.items()}
+    return {"step_overhead": ratios, "step_overhead_cpu": ratios_cpu,
             "step_overhead_detail": {
-                "forward_s": fwd, "forward_s_all": forward_s, "tokens": batch.num_tokens,
+                "forward_s": fwd, "forward_s_all": forward_s, "forward_cpu_s": fwd_cpu,
+                "step_cpu_s": {name: median(t) for name, t in step_cpu.items()}, "tokens": batch.num_tokens,
                 "seq_len": int(batch.input_ids.shape[1]),
                 "params": sum(s.numel for s in session.backend.shards()),
                 "step_s": {name: median(t) for name, t in step_s.items()},
@@ -253,15 +266,17 @@ def section_noise(args: argparse.Namespace) -> dict:
         "ours_gaussian": lambda: gaussian.add_(shard, (1, 0), 1e-3),
         "ours_table": lambda: table.add_(shard, (1, 0), 1e-3),
     }
-    times = {name: [] for name in cases}
+    times, cpu = {name: [] for name in cases}, {name: [] for name in cases}
     for rep in range(args.reps + 1):
         for name, fn in cases.items():
-            t, _ = timed(fn)
+            t, c, _ = timed2(fn)
             if rep:
                 times[name].append(t)
+                cpu[name].append(c)
     rates = {name: n / median(t) for name, t in times.items()}
     return {"noise_elements_per_s": rates, "noise_detail": {
         "numel": n, "ns_per_element": {k: 1e9 / v for k, v in rates.items()},
+        "cpu_ns_per_element": {k: 1e9 * median(c) / n for k, c in cpu.items()},
         "vs_copy": {k: v / rates["copy"] for k, v in rates.items()}},
         "noise_quality": noise_quality(args)}
 
@@ -312,16 +327,20 @@ def markdown(results: dict) -> str:
         d = results["step_overhead_detail"]
         lines += [f"Step overhead (forward {d['forward_s']:.3f} s median, {d['tokens']} tokens, "
                   f"{d['params']:,} parameters; floor 1.0):", "",
-                  "| optimizer | step s | forwards | step / forwards |", "|---|---|---|---|"]
+                  "| optimizer | step s | forwards | step / forwards (wall) | (CPU time) |",
+                  "|---|---|---|---|---|"]
         for name, ratio in results["step_overhead"].items():
-            lines.append(f"| {name} | {d['step_s'][name]:.3f} | {d['forward_passes'][name]} | {ratio:.2f} |")
+            lines.append(f"| {name} | {d['step_s'][name]:.3f} | {d['forward_passes'][name]} | {ratio:.2f} | "
+                         f"{results['step_overhead_cpu'][name]:.2f} |")
         lines.append("")
     if "noise_elements_per_s" in results:
         d = results["noise_detail"]
         lines += [f"Noise pass over {d['numel']:,} fp32 elements:", "",
-                  "| pass | elements/s | ns/element | vs copy |", "|---|---|---|---|"]
+                  "| pass | elements/s | ns/element | vs copy | CPU ns/element |", "|---|---|---|---|---|"]
         for name, rate in results["noise_elements_per_s"].items():
-            lines.append(f"| {name} | {rate:.3g} | {d['ns_per_element'][name]:.2f} | {d['vs_copy'][name]:.2f} |")
+            lines.append(f"| {name} | {rate:.3g} | {d['ns_per_element'][name]:.2f} | "
+                         f"{d['vs_copy'][name]:.2f} | "
+                         f"{d['cpu_ns_per_element'][name]:.2f} |")
         q = results["noise_quality"]
         lines += ["", f"MeZO on a rank-{q['rank']} least-squares problem, {q['dimension']:,} parameters, "
                   f"{q['steps']} steps, table of {q['table_numel']:,} (loss after / before, per seed):", "",
@@ -332,11 +351,12 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "comm_bytes_per_step" in results:
         lines += ["Bytes per step per rank (2 ranks):", "",
-                  "| backend | optimizer | forward gathers | everything else | other calls |", "|---|---|---|---|---|"]
+                  "| backend | optimizer | forward gathers | everything else | other calls |",
+                  "|---|---|---|---|---|"]
         for backend, per in results["comm_bytes_per_step"].items():
             for name, b in per.items():
                 if "error" in b:
-                    lines.append(f"| {backend} | {name} | error: {b['error'][:60]} | | |")
+                    lines.append(f"| {backend} | {name} | error: {b['error'].splitlines()[-1][:80]} | | |")
                 else:
                     lines.append(f"| {backend} | {name} | {b['forward_gathers']:,.0f} | {b['other']:,.0f} | "
                                  f"{b['other_calls']:.0f} |")
@@ -351,7 +371,7 @@ def markdown(results: dict) -> str:
         for backend, per in results["scaling"].items():
             for ranks, s in per.items():
                 if "error" in s:
-                    lines.append(f"| {backend} | {ranks} | error: {s['error'][:60]} | | |")
+                    lines.append(f"| {backend} | {ranks} | error: {s['error'].splitlines()[-1][:80]} | | |")
                 else:
                     lines.append(f"| {backend} | {ranks} | {s['step_s']:.3f} | {s['examples_per_s']:.2f} | "
                                  f"{s['examples_per_s_per_rank']:.2f} |")

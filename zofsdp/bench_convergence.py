@@ -31,7 +31,8 @@ def settings(args) -> list[str]:
                 "data.eval_split=dev", "zo.eps=1e-2", "zo.lr=1e-3", "train.eval_batch_size=24"]
     every = max(1, args.steps // 5)
     return [f"train.steps={args.steps}", f"train.eval_every={every}", "data.num_train=1000",
-            "data.num_dev=200", "data.eval_split=dev", "zo.eps=1e-3", "zo.lr=1e-4", "train.eval_batch_size=32"]
+            "data.num_dev=200", "data.eval_split=dev", "zo.eps=1e-3", "zo.lr=1e-4",
+            "train.eval_batch_size=32"]
 
 
 def curve(metrics: list[dict]) -> dict:
@@ -88,7 +89,8 @@ def markdown_rows(results: dict) -> list[str]:
         passes = hit["forward_passes"] if hit["forward_passes"] is not None else "not reached"
         wall = f"{hit['wall_s']:.0f}" if hit["wall_s"] is not None else "-"
         step = f"{step_s:.2f}" if step_s is not None else "-"
-        lines.append(f"| {name} | {accs[0]:.3f} | {max(accs):.3f} | {accs[-1]:.3f} | {passes} | {wall} | {step} |")
+        lines.append(f"| {name} | {accs[0]:.3f} | {max(accs):.3f} | {accs[-1]:.3f} | {passes} | {wall} | "
+                     f"{step} |")
     return lines + [""]
 
 

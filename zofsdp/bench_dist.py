@@ -160,8 +160,10 @@ def launch(args, backend: str, nproc: int, optimizers: list[str]) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
                TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr or proc.stdout)[-2000:]}
+    if proc.returncode != 0:  # keep the ranks' own error lines: torchrun's summary says only "failed"
+        lines = (proc.stderr or proc.stdout).splitlines()
+        causes = [line for line in lines if line.startswith("[rank") and "Error" in line]
+        return {"error": "\n".join(causes[-3:]) or "\n".join(lines[-20:])}
     ranks = [json.loads((folder / f"rank.{r}.json").read_text()) for r in range(nproc)]
     return {name: _max_over_ranks([r[name] for r in ranks]) for name in ["forward", *optimizers]} | {
         "tokens": ranks[0]["tokens"], "threads_per_rank": threads}
