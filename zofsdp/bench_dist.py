@@ -130,7 +130,8 @@ def worker(args) -> int:
         counter.reset()
         start = time.perf_counter()
         loss_fn()
-        out["forward"] = {"s": time.perf_counter() - start, **counter.bytes}
+        out["forward"] = {"s": time.perf_counter() - start, **counter.bytes,
+                          "other_calls": counter.calls["other"]}
         for name in spec["optimizers"]:
             optimizer = build_optimizer(replace(cfg.zo, optimizer=name), backend.shards(), 0, backend.device)
             optimizer.step(loss_fn, 1)
@@ -204,7 +205,8 @@ def section_comm(args) -> dict:
         comm[backend] = {name: {k: run[name][k] for k in ("forward_gathers", "other", "other_calls", "by_op")}
                          for name in OPTIMIZERS}
         comm[backend]["forward_only"] = {"forward_gathers": run["forward"]["forward_gathers"],
-                                         "other": run["forward"]["other"], "other_calls": 0.0, "by_op": {}}
+                                         "other": run["forward"]["other"],
+                                         "other_calls": run["forward"]["other_calls"], "by_op": {}}
     return {"comm_bytes_per_step": comm}
 
 
