@@ -117,12 +117,6 @@ def run_config(args: argparse.Namespace, *overrides: str):
                               "train.save_model=false", *overrides])
 
 
-def timed(fn) -> tuple[float, object]:
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def timed2(fn) -> tuple[float, float, object]:
     """(wall seconds, CPU seconds of this process, result). On a shared machine the CPU time is the
     cross-check that descheduling cannot inflate (with one thread; more threads add spin-waiting)."""
@@ -145,6 +139,7 @@ class ReferenceMeZO:
     +εz, −2εz, +εz (restore), and the update θ ← θ − η(g·z + λθ). Only for timing."""
 
     def __init__(self, model: torch.nn.Module, eps: float, lr: float, weight_decay: float = 0.0):
+        self.model = model
         self.params = [(n, p) for n, p in model.named_parameters()]
         self.eps, self.lr, self.weight_decay = eps, lr, weight_decay
 
@@ -172,7 +167,7 @@ class ReferenceMeZO:
         return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": grad, "forward_passes": 2}
 
 
-def contenders(args, cfg, session) -> dict:
+def contenders(cfg, session) -> dict:
     """name -> object with `.step(loss_fn, step)`: each registered optimizer, MeZO on the noise table,
     and the reference MeZO step (on its own copy of the model: it replaces `p.data`, which would leave
     our shards pointing at dead storage)."""
@@ -185,9 +180,7 @@ def contenders(args, cfg, session) -> dict:
     if "mezo" in OPTIMIZERS:
         table = replace(cfg.zo, optimizer="mezo", noise="table")
         out["mezo" + TABLE_SUFFIX] = build_optimizer(table, backend.shards(), 0, backend.device)
-    reference_model = copy.deepcopy(session.model)
-    out[REFERENCE] = ReferenceMeZO(reference_model, cfg.zo.eps, cfg.zo.lr, cfg.zo.weight_decay)
-    out[REFERENCE].model = reference_model
+    out[REFERENCE] = ReferenceMeZO(copy.deepcopy(session.model), cfg.zo.eps, cfg.zo.lr, cfg.zo.weight_decay)
     return out
 
 
@@ -198,7 +191,7 @@ def section_overhead(args: argparse.Namespace) -> dict:
     cfg = run_config(args, "parallel.backend=none", "zo.lr=1e-6")
     session = setup(cfg)
     batch = encode(session.tokenizer, session.splits.train[: args.batch_size], cfg.model.max_length)
-    players = {k: v for k, v in contenders(args, cfg, session).items() if wanted(args, k) or k == REFERENCE}
+    players = {k: v for k, v in contenders(cfg, session).items() if wanted(args, k) or k == REFERENCE}
 
     def forward_of(model):
         target = copy.copy(session)
