@@ -182,6 +182,7 @@ def measure_optimizer(tracker, name: str, build: Callable[[], object], forward: 
     for step in range(first_step, first_step + num_steps):
         phases = _run_step(tracker, optimizer, forward, step, (opt_state, noise), forward_mode)
         best = max(phases, key=lambda p: p.total)
+        gc.collect()  # garbage in reference cycles is freed when the collector happens to run: not a leak
         result.steps.append(StepRecord(best, phases, _current_total(tracker)))
     del optimizer
     gc.collect()
