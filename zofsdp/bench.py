@@ -35,6 +35,8 @@ SECTIONS = ("overhead", "noise", "comm", "convergence", "scaling")
 REFERENCE = "mezo_reference"
 TABLE_SUFFIX = ":table"
 """`mezo:table` = MeZO with zo.noise=table (the cheaper noise), timed beside the default."""
+ONE_THREAD_SUFFIX = ":1thread"
+"""`mezo:1thread` = MeZO with zo.noise_threads=1: what the default's noise threads gain."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="timed repetitions (default 3 quick, 7 full)")
     p.add_argument("--steps", type=int, help="convergence: training steps (default 6 quick, 100 full)")
     p.add_argument("--target", type=float, help="convergence: target accuracy (default 0.65)")
-    p.add_argument("--optimizers", nargs="+", help="only these (names in OPTIMIZERS, or mezo:table)")
+    p.add_argument("--optimizers", nargs="+", help="only these (names in OPTIMIZERS, mezo:table, mezo:1thread)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default="runs/bench", help="folder for convergence runs and worker files")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set when started by torchrun (bench_dist)
@@ -168,8 +170,8 @@ class ReferenceMeZO:
 
 
 def contenders(cfg, session) -> dict:
-    """name -> object with `.step(loss_fn, step)`: each registered optimizer, MeZO on the noise table,
-    and the reference MeZO step (on its own copy of the model: it replaces `p.data`, which would leave
+    """name -> object with `.step(loss_fn, step)`: each registered optimizer, MeZO on the noise table and
+    on one noise thread, and the reference MeZO step (on its own copy of the model: it replaces `p.data`, which would leave
     our shards pointing at dead storage)."""
     from zofsdp.optim import OPTIMIZERS, build_optimizer
 
@@ -180,6 +182,8 @@ def contenders(cfg, session) -> dict:
     if "mezo" in OPTIMIZERS:
         table = replace(cfg.zo, optimizer="mezo", noise="table")
         out["mezo" + TABLE_SUFFIX] = build_optimizer(table, backend.shards(), 0, backend.device)
+        one = replace(cfg.zo, optimizer="mezo", noise_threads=1)
+        out["mezo" + ONE_THREAD_SUFFIX] = build_optimizer(one, backend.shards(), 0, backend.device)
     out[REFERENCE] = ReferenceMeZO(copy.deepcopy(session.model), cfg.zo.eps, cfg.zo.lr, cfg.zo.weight_decay)
     return out
 
@@ -239,14 +243,16 @@ def section_overhead(args: argparse.Namespace) -> dict:
 
 def section_noise(args: argparse.Namespace) -> dict:
     """Elements/s of each way to put `scale * z` into a flat fp32 tensor of n elements."""
-    from zofsdp.noise import Noise, Shard
+    from zofsdp.noise import Noise, Shard, default_threads
 
     n = (1 << 20) if args.quick else (1 << 24)
     data = torch.zeros(n)
     source = torch.randn(n)
     z_full = torch.empty(n)
     shard = Shard("bench.weight", data, 0, n, 1, True, "layers.0")
-    gaussian, table = Noise(0, kind="gaussian"), Noise(0, kind="table")
+    lanes = default_threads("cpu")
+    gaussian, table = Noise(0, kind="gaussian", threads=lanes), Noise(0, kind="table", threads=lanes)
+    gaussian_1 = Noise(0, kind="gaussian")
     generator = torch.Generator().manual_seed(0)
 
     def randn_add():
@@ -256,8 +262,9 @@ def section_noise(args: argparse.Namespace) -> dict:
     cases = {
         "copy": lambda: data.copy_(source),
         "randn_add": randn_add,
-        "ours_gaussian": lambda: gaussian.add_(shard, (1, 0), 1e-3),
-        "ours_table": lambda: table.add_(shard, (1, 0), 1e-3),
+        "ours_gaussian_1_thread": lambda: gaussian_1.add_([shard], (1, 0), 1e-3),
+        "ours_gaussian": lambda: gaussian.add_([shard], (1, 0), 1e-3),
+        "ours_table": lambda: table.add_([shard], (1, 0), 1e-3),
     }
     times, cpu = {name: [] for name in cases}, {name: [] for name in cases}
     for rep in range(args.reps + 1):
@@ -268,7 +275,7 @@ def section_noise(args: argparse.Namespace) -> dict:
                 cpu[name].append(c)
     rates = {name: n / median(t) for name, t in times.items()}
     return {"noise_elements_per_s": rates, "noise_detail": {
-        "numel": n, "ns_per_element": {k: 1e9 / v for k, v in rates.items()},
+        "numel": n, "noise_threads": lanes, "ns_per_element": {k: 1e9 / v for k, v in rates.items()},
         "cpu_ns_per_element": {k: 1e9 * median(c) / n for k, c in cpu.items()},
         "vs_copy": {k: v / rates["copy"] for k, v in rates.items()}},
         "noise_quality": noise_quality(args)}
@@ -328,7 +335,7 @@ def markdown(results: dict) -> str:
         lines.append("")
     if "noise_elements_per_s" in results:
         d = results["noise_detail"]
-        lines += [f"Noise pass over {d['numel']:,} fp32 elements:", "",
+        lines += [f"Noise pass over {d['numel']:,} fp32 elements ({d['noise_threads']} noise threads unless named):", "",
                   "| pass | elements/s | ns/element | vs copy | CPU ns/element |", "|---|---|---|---|---|"]
         for name, rate in results["noise_elements_per_s"].items():
             lines.append(f"| {name} | {rate:.3g} | {d['ns_per_element'][name]:.2f} | "

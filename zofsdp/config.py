@@ -128,6 +128,9 @@ class ZOConfig:
     """Noise is generated in chunks of this many elements; part of the noise's definition."""
     table_numel: int = 1 << 24
     """Size of the noise table (noise=table): 64 MiB of fp32 per rank at the default."""
+    noise_threads: int = 0
+    """CPU threads that generate noise in a pass (0: one per intra-op thread on CPU, one on GPU).
+    Does not change the noise; each thread holds its own 640 KiB of chunk buffers."""
     curvzo: CurvZOConfig = field(default_factory=CurvZOConfig)
     adalezo: AdaLeZOConfig = field(default_factory=AdaLeZOConfig)
 

@@ -12,14 +12,17 @@ Two kinds of z, both with E[z] = 0 and E[z z^T] = I:
   seeded offset (Salimans et al. 2017 share a table among evolution-strategy workers). No RNG in the hot
   loop, ~8x cheaper on CPU, at the price of the table's memory and of slices that can overlap.
 
-Memory: three chunk-sized buffers (under 1 MiB at the default); no parameter-sized temporary is ever made.
+Memory: three chunk-sized buffers per lane (640 KiB at the default); no parameter-sized temporary is ever
+made. A pass runs on one lane per CPU thread (see `Noise`), with the same result for any lane count.
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -88,61 +91,31 @@ class Shard:
         return self.data.numel()
 
 
-class Noise:
-    """Generates slices of z and applies `shard += scale * z` chunk by chunk."""
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Where one chunk of z meets one shard: the global range [lo, hi) lies inside both."""
 
-    def __init__(
-        self,
-        seed: int,
-        *,
-        kind: str = "gaussian",
-        chunk_numel: int = 1 << 16,
-        table_numel: int = 1 << 24,
-        device: torch.device | str = "cpu",
-    ):
-        if kind not in ("gaussian", "table"):
-            raise ValueError(f"noise kind must be 'gaussian' or 'table', got {kind!r}")
-        self.seed = seed
-        self.kind = kind
-        self.chunk_numel = chunk_numel
-        self.device = torch.device(device)
-        self.generator = torch.Generator(device=self.device)
-        self.buffer = torch.empty(chunk_numel, dtype=torch.float32, device=self.device)
-        self.scaled = torch.empty(chunk_numel, dtype=torch.float32, device=self.device)
-        self.rounded = torch.empty(chunk_numel, dtype=torch.bfloat16, device=self.device)
-        self.num_chunks_generated = 0
-        """Counts chunk draws: tests use it to prove skipped blocks cost nothing."""
-        self.table = None
-        if kind == "table":
-            if table_numel < 2 * chunk_numel:
-                raise ValueError("noise table must hold at least two chunks")
-            self.generator.manual_seed(mix_seed(seed, 0x7AB1E))
-            self.table = torch.randn(table_numel, generator=self.generator, device=self.device)
+    shard: int
+    """Index of the shard in the pass's list."""
+    chunk: int
+    """Chunk index in the tensor's global index space."""
+    length: int
+    """The chunk's full length (the last chunk of a tensor is shorter)."""
+    lo: int
+    hi: int
 
-    def _chunk(self, key: tuple[int, ...], chunk: int, length: int) -> torch.Tensor:
-        """z for one chunk of `length` elements (the chunk's full length)."""
-        self.num_chunks_generated += 1
-        self.generator.manual_seed(mix_seed(self.seed, *key, chunk))
-        if self.table is not None:
-            high = self.table.numel() - length
-            offset = int(torch.randint(0, high + 1, (1,), generator=self.generator, device=self.device))
-            return self.table[offset : offset + length]
-        out = self.buffer[:length]
-        torch.randn(length, generator=self.generator, out=out)
-        return out
 
-    def pieces(self, shard: Shard, key: tuple[int, ...]):
-        """Yield (local slice, z slice) pairs that tile the shard; key = (step, direction)."""
-        start, stop = shard.global_start, shard.global_start + shard.numel
-        c = self.chunk_numel
-        for chunk in range(start // c, (stop + c - 1) // c):
-            chunk_start = chunk * c
-            length = min(c, shard.full_numel - chunk_start)
-            z = self._chunk((*key, shard.block_id), chunk, length)
-            lo, hi = max(start, chunk_start), min(stop, chunk_start + length)
-            yield slice(lo - start, hi - start), z[lo - chunk_start : hi - chunk_start]
+class _Lane:
+    """One worker of a noise pass: its own generator and chunk-sized buffers (~640 KiB at the default)."""
 
-    def _step(self, z: torch.Tensor, scale: float) -> torch.Tensor:
+    def __init__(self, chunk_numel: int, device: torch.device):
+        self.generator = torch.Generator(device=device)
+        self.buffer = torch.empty(chunk_numel, dtype=torch.float32, device=device)
+        self.scaled = torch.empty(chunk_numel, dtype=torch.float32, device=device)
+        self.rounded = torch.empty(chunk_numel, dtype=torch.bfloat16, device=device)
+        self.chunks = 0
+
+    def step(self, z: torch.Tensor, scale: float) -> torch.Tensor:
         """d = scale·z rounded to 8 significant bits (via bfloat16), in a reusable buffer.
 
         Why: added to an fp32 weight θ, such a d is a multiple of θ's ulp (unless |θ| > 2^15·|d|), so
@@ -156,29 +129,131 @@ class Noise:
         self.rounded[:n].copy_(d)
         return d.copy_(self.rounded[:n])
 
-    def add_(self, shard: Shard, key: tuple[int, ...], scale: float) -> None:
-        """shard += d(scale·z) in place: the perturbation of a ZO probe (exactly undone by -scale)."""
-        with one_thread(self.device):
-            for local, z in self.pieces(shard, key):
-                shard.data[local].add_(self._step(z, scale))
 
-    def restore_update_(self, shard: Shard, key: tuple[int, ...], restore: float, update: float,
-                        decay: float = 1.0) -> None:
-        """One pass over the shard: shard += d(restore·z) (undoes a probe), then
-        shard <- decay·shard + update·z (the optimizer step, weight decay included)."""
+def default_threads(device: torch.device | str) -> int:
+    """Lanes for a noise pass: every intra-op thread on CPU (the forwards' pool, idle during the pass),
+    one elsewhere (a GPU's kernels are already parallel)."""
+    return max(1, min(torch.get_num_threads(), 8)) if torch.device(device).type == "cpu" else 1
+
+
+class Noise:
+    """Generates slices of z and applies `shard += scale * z` chunk by chunk, on `threads` lanes.
+
+    A pass cuts its pieces into contiguous runs of about equal size, one per lane; lane 0 runs on the
+    calling thread, the others on a small thread pool (torch ops release the GIL). Every chunk is drawn
+    from its own seed and touches its own elements, so the result does not depend on the lane count.
+    Torch's CPU generator is serial: lanes are how a pass uses more than one core.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        kind: str = "gaussian",
+        chunk_numel: int = 1 << 16,
+        table_numel: int = 1 << 24,
+        device: torch.device | str = "cpu",
+        threads: int = 1,
+    ):
+        if kind not in ("gaussian", "table"):
+            raise ValueError(f"noise kind must be 'gaussian' or 'table', got {kind!r}")
+        if threads < 1:
+            raise ValueError(f"noise threads must be >= 1, got {threads}")
+        self.seed = seed
+        self.kind = kind
+        self.chunk_numel = chunk_numel
+        self.device = torch.device(device)
+        self.lanes = [_Lane(chunk_numel, self.device) for _ in range(threads)]
+        self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="zofsdp-noise") if threads > 1 else None
+        self.table = None
+        if kind == "table":
+            if table_numel < 2 * chunk_numel:
+                raise ValueError("noise table must hold at least two chunks")
+            generator = torch.Generator(device=self.device).manual_seed(mix_seed(seed, 0x7AB1E))
+            self.table = torch.randn(table_numel, generator=generator, device=self.device)
+
+    @property
+    def num_chunks_generated(self) -> int:
+        """Chunk draws so far: tests use it to prove skipped blocks cost nothing."""
+        return sum(lane.chunks for lane in self.lanes)
+
+    def _chunk(self, lane: _Lane, key: tuple[int, ...], chunk: int, length: int) -> torch.Tensor:
+        """z for one chunk of `length` elements (the chunk's full length); key = (step, direction, block)."""
+        lane.chunks += 1
+        lane.generator.manual_seed(mix_seed(self.seed, *key, chunk))
+        if self.table is not None:
+            high = self.table.numel() - length
+            offset = int(torch.randint(0, high + 1, (1,), generator=lane.generator, device=self.device))
+            return self.table[offset : offset + length]
+        out = lane.buffer[:length]
+        torch.randn(length, generator=lane.generator, out=out)
+        return out
+
+    def plan(self, shards: Sequence[Shard]) -> list[Piece]:
+        """The pieces that tile every shard, in order. Pure index arithmetic: the same for every key."""
+        c, pieces = self.chunk_numel, []
+        for i, shard in enumerate(shards):
+            start, stop = shard.global_start, shard.global_start + shard.numel
+            for chunk in range(start // c, (stop + c - 1) // c):
+                length = min(c, shard.full_numel - chunk * c)
+                pieces.append(Piece(i, chunk, length, max(start, chunk * c), min(stop, chunk * c + length)))
+        return pieces
+
+    def _run(self, shards: Sequence[Shard], key: tuple[int, ...], apply) -> None:
+        """For every piece: apply(lane, shard index, view of the shard, matching slice of z)."""
+        runs = _split(self.plan(shards), len(self.lanes))
+
+        def work(lane: _Lane, run: list[Piece]) -> None:
+            for p in run:
+                shard = shards[p.shard]
+                z = self._chunk(lane, (*key, shard.block_id), p.chunk, p.length)
+                base = p.chunk * self.chunk_numel
+                view = shard.data[p.lo - shard.global_start : p.hi - shard.global_start]
+                apply(lane, p.shard, view, z[p.lo - base : p.hi - base])
+
         with one_thread(self.device):
-            for local, z in self.pieces(shard, key):
-                view = shard.data[local]
-                if restore:
-                    view.add_(self._step(z, restore))
-                if decay != 1.0:
-                    view.mul_(decay)
-                if update:
-                    view.add_(z, alpha=update)
+            futures = [self._pool.submit(work, lane, run) for lane, run in zip(self.lanes[1:], runs[1:]) if run]
+            try:
+                work(self.lanes[0], runs[0])
+            finally:
+                for f in futures:  # all lanes finish before the pass returns, even when one fails
+                    f.exception()
+            for f in futures:
+                f.result()
+
+    def add_(self, shards: Sequence[Shard], key: tuple[int, ...], scale: float) -> None:
+        """shard += d(scale·z) in place on every shard: a ZO probe's perturbation (exactly undone by -scale)."""
+        self._run(shards, key, lambda lane, _, view, z: view.add_(lane.step(z, scale)))
+
+    def restore_update_(self, shards: Sequence[Shard], key: tuple[int, ...], restore: float,
+                        updates: Sequence[float], decays: Sequence[float]) -> None:
+        """One pass: shard += d(restore·z) (undoes a probe), then shard <- decays[i]·shard + updates[i]·z
+        (the optimizer step, weight decay included), per shard i."""
+
+        def apply(lane: _Lane, i: int, view: torch.Tensor, z: torch.Tensor) -> None:
+            if restore:
+                view.add_(lane.step(z, restore))
+            if decays[i] != 1.0:
+                view.mul_(decays[i])
+            if updates[i]:
+                view.add_(z, alpha=updates[i])
+
+        self._run(shards, key, apply)
 
     def slice(self, shard: Shard, key: tuple[int, ...]) -> torch.Tensor:
         """The shard's slice of z as a new tensor (tests and small problems only: allocates)."""
-        out = torch.empty(shard.numel, dtype=torch.float32, device=self.device)
-        for local, z in self.pieces(shard, key):
-            out[local] = z
-        return out
+        out = replace(shard, data=torch.zeros(shard.numel, dtype=torch.float32, device=self.device))
+        self.restore_update_([out], key, 0.0, [1.0], [1.0])  # 0 + 1·z: exactly z
+        return out.data
+
+
+def _split(pieces: list[Piece], lanes: int) -> list[list[Piece]]:
+    """Contiguous runs of about equal element counts, one per lane (contiguous: each lane streams memory)."""
+    if lanes == 1:
+        return [pieces]
+    total = sum(p.hi - p.lo for p in pieces)
+    runs, done = [[] for _ in range(lanes)], 0
+    for p in pieces:
+        runs[min(done * lanes // max(total, 1), lanes - 1)].append(p)
+        done += p.hi - p.lo
+    return runs

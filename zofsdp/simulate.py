@@ -22,6 +22,7 @@ faithful simulation of ZeRO-3's partitioning under a fake process group is not a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zofsdp.mem_track import fake_losses, make_tracker, measure_inference, measure_optimizer, synthetic_batch
-from zofsdp.noise import Noise, Shard
+from zofsdp.noise import Noise, Piece, Shard
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
@@ -66,28 +67,24 @@ def fake_process_group(world_size: int):
         dist.destroy_process_group()
 
 
-def _sampled_pieces(noise: Noise):
-    """Noise.pieces that, per direction key, visits one chunk of each distinct kind of shard only.
+def _sampled_plan(noise: Noise):
+    """Noise.plan that visits one chunk of each distinct kind of shard only.
 
     Shards of the same size, dtype and chunk alignment run exactly the same code on the same buffer, so
     the update phase's peak is the same as visiting every chunk of every shard (see the module docstring).
     """
-    seen: set = set()
+    full_plan = noise.plan
 
-    def pieces(shard: Shard, key: tuple[int, ...]):
-        c = noise.chunk_numel
-        kind = (key, shard.numel, shard.data.dtype, shard.global_start % c)
-        if kind in seen:
-            return
-        seen.add(kind)
-        start, stop = shard.global_start, shard.global_start + shard.numel
-        chunk_start = (start // c) * c
-        length = min(c, shard.full_numel - chunk_start)
-        z = noise._chunk((*key, shard.block_id), start // c, length)
-        lo, hi = start, min(stop, chunk_start + length)
-        yield slice(0, hi - lo), z[lo - chunk_start : hi - chunk_start]
+    def plan(shards: list[Shard]) -> list[Piece]:
+        seen, pieces = set(), []
+        for i, shard in enumerate(shards):
+            kind = (shard.numel, shard.data.dtype, shard.global_start % noise.chunk_numel)
+            if kind not in seen:
+                seen.add(kind)
+                pieces.append(dataclasses.replace(full_plan([shard])[0], shard=i))
+        return pieces
 
-    return pieces
+    return plan
 
 
 def _backend(world_size: int):
@@ -116,7 +113,8 @@ def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_l
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     config = load_model_config(model_json)
     optimizers = list(OPTIMIZERS) if optimizers is None else optimizers
-    base_cfg = zo_cfg or ZOConfig()
+    # One noise lane, as on a GPU: the figures must not depend on the simulating machine's cores.
+    base_cfg = dataclasses.replace(zo_cfg or ZOConfig(), noise_threads=1)
     lo, hi = local_rows(batch_size, 0, world_size)
     rows = max(hi - lo, 1)  # a rank with no rows still runs a one-row forward (see train.global_loss)
     with torch.device("meta"):
@@ -142,8 +140,6 @@ def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_l
 
 def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int, optimizers, base_cfg) -> dict:
     """Inference and ZO steps of the fake model, with the same measurement code as a real run."""
-    import dataclasses
-
     from zofsdp.optim import build_optimizer
     from zofsdp.scoring import loss_and_correct
 
@@ -168,7 +164,7 @@ def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int
 
         def build():
             opt = build_optimizer(cfg, shards, 0, "cpu", blocks=blocks)
-            opt.noise.pieces = _sampled_pieces(opt.noise)
+            opt.noise.plan = _sampled_plan(opt.noise)
             return opt
 
         results[name] = measure_optimizer(tracker, name, build, forward, forward_mode=forward_mode)

@@ -219,8 +219,7 @@ def probe(argv: list[str]) -> None:
         train_module.global_loss(session, batch)
         log["loss"] = train_module.global_loss(session, batch)[0]
         noise = Noise(seed=123)
-        for shard in small:
-            noise.add_(shard, (0, 0), 0.1)
+        noise.add_(small, (0, 0), 0.1)
         log["loss_small_perturbed"] = train_module.global_loss(session, batch)[0]
         for shard, data in zip(small, saved):
             shard.data.copy_(data)  # bitwise restore: the training run that follows is unchanged

@@ -30,9 +30,9 @@ def test_add_and_update_touch_only_the_shard():
     work = base.clone()
     shard = shard_of(work, 1000, 4000)
     z = noise.slice(shard, (1, 0))
-    noise.add_(shard, (1, 0), scale=1.0)
+    noise.add_([shard], (1, 0), scale=1.0)
     assert torch.allclose(work[1000:4000], base[1000:4000] + z, atol=1e-2)  # z rounded to 8 bits
-    noise.restore_update_(shard, (1, 0), restore=-1.0, update=0.25, decay=0.9)
+    noise.restore_update_([shard], (1, 0), restore=-1.0, updates=[0.25], decays=[0.9])
     assert torch.allclose(work[1000:4000], base[1000:4000] * 0.9 + 0.25 * z, atol=1e-5)
     assert torch.equal(work[:1000], base[:1000]) and torch.equal(work[4000:], base[4000:])
 
@@ -67,5 +67,34 @@ def test_seeds_are_stable_across_processes():
 
 def test_generation_counts_chunks():
     noise = Noise(seed=0, chunk_numel=1024)
-    noise.add_(shard_of(torch.zeros(4096), 1000, 3000), (0, 0), 1.0)
+    noise.add_([shard_of(torch.zeros(4096), 1000, 3000)], (0, 0), 1.0)
     assert noise.num_chunks_generated == 3  # chunks 0, 1, 2 overlap [1000, 3000)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "table"])
+def test_lane_count_does_not_change_a_pass(kind):
+    """Several threads share a pass (contiguous runs of pieces): the result is bitwise that of one."""
+    results = []
+    for threads in (1, 2, 3):
+        torch.manual_seed(0)
+        tensors = [torch.randn(n) for n in (5000, 37, 1024, 12_345, 3)]
+        shards = [shard_of(t, 0, t.numel(), name=f"w{i}") for i, t in enumerate(tensors)]
+        noise = Noise(seed=5, kind=kind, chunk_numel=1024, table_numel=1 << 14, threads=threads)
+        noise.add_(shards, (1, 0), 0.5)
+        noise.restore_update_(shards, (1, 1), -0.25, [0.3, -0.7, 0.1, 0.9, -0.2], [0.9, 1.0, 0.9, 1.0, 0.9])
+        results.append((torch.cat(tensors), noise.num_chunks_generated))
+    for data, chunks in results[1:]:
+        assert torch.equal(data, results[0][0])
+        assert chunks == results[0][1] == 2 * (5 + 1 + 1 + 13 + 1)
+
+
+def test_a_failing_lane_fails_the_pass():
+    noise = Noise(seed=0, chunk_numel=1024, threads=2)
+    shards = [shard_of(torch.zeros(4096), 0, 4096)]
+
+    def apply(lane, i, view, z):
+        if view.storage_offset() >= 2048:  # the second lane's run
+            raise RuntimeError("lane failed")
+
+    with pytest.raises(RuntimeError, match="lane failed"):
+        noise._run(shards, (0, 0), apply)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from zofsdp.config import ZOConfig
-from zofsdp.noise import Noise, Shard
+from zofsdp.noise import Noise, Shard, default_threads
 
 LossFn = Callable[[], float]
 
@@ -29,17 +29,16 @@ class ZOOptimizer:
         self.blocks = blocks or [(s.name, s.full_numel, s.group) for s in shards]
         self.cfg = cfg
         self.seed = seed
-        self.noise = Noise(seed, kind=cfg.noise, chunk_numel=cfg.chunk_numel,
-                           table_numel=cfg.table_numel, device=device)
+        self.noise = Noise(seed, kind=cfg.noise, chunk_numel=cfg.chunk_numel, table_numel=cfg.table_numel,
+                           device=device, threads=cfg.noise_threads or default_threads(device))
 
     def step(self, loss_fn: LossFn, step: int) -> dict:
         """One update; returns at least `loss`, `projected_grad` and `forward_passes` (this step)."""
         raise NotImplementedError
 
     def perturb(self, shards: list[Shard], key: tuple[int, ...], scale: float) -> None:
-        """θ += scale·z on each shard (exactly undone by the opposite scale; see Noise._step)."""
-        for shard in shards:
-            self.noise.add_(shard, key, scale)
+        """θ += scale·z on each shard (exactly undone by the opposite scale; see noise._Lane.step)."""
+        self.noise.add_(shards, key, scale)
 
     def restore_and_update(self, shards: list[Shard], key: tuple[int, ...], restore: float,
                            grad_scale: float | Callable[[Shard], float]) -> None:
@@ -49,10 +48,9 @@ class ZOOptimizer:
         the shard for per-block weights (importance sampling).
         """
         lr, wd = self.cfg.lr, self.cfg.weight_decay
-        for shard in shards:
-            g = grad_scale(shard) if callable(grad_scale) else grad_scale
-            decay = 1.0 - lr * wd if shard.decay and wd else 1.0
-            self.noise.restore_update_(shard, key, restore, -lr * g, decay)
+        updates = [-lr * (grad_scale(s) if callable(grad_scale) else grad_scale) for s in shards]
+        decays = [1.0 - lr * wd if s.decay and wd else 1.0 for s in shards]
+        self.noise.restore_update_(shards, key, restore, updates, decays)
 
     @staticmethod
     def finite(*values: float) -> bool:
