@@ -107,9 +107,10 @@ def test_detects_a_parameter_sized_temporary(monkeypatch):
     """Proof that the check can fail: the MeZO reference code's `p.data = p.data + eps * z` pattern."""
     from zofsdp.noise import Noise
 
-    def add_with_full_copy(self, shard, key, scale):
-        z = self.slice(shard, key)  # a full-size z, then a full-size sum: what invariant 4 forbids
-        shard.data.copy_(shard.data + scale * z)
+    def add_with_full_copy(self, shards, key, scale):
+        for shard in shards:
+            z = self.slice(shard, key)  # a full-size z, then a full-size sum: what invariant 4 forbids
+            shard.data.copy_(shard.data + scale * z)
 
     monkeypatch.setattr(Noise, "add_", add_with_full_copy)
     report = measure_in_process(num_steps=1)

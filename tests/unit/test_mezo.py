@@ -66,7 +66,7 @@ def test_fp32_perturb_restore_is_exact_where_the_arithmetic_allows():
     """+εz, −2εz, +εz in place (MeZO with lr 0) on a real tiny model.
 
     Bit-exact for every weight where θ ± d are exact fp32 numbers (d = εz rounded to 8 significant bits,
-    see Noise._step): true unless the step crosses a power of two or d is below θ's ulp·2^-15. There the
+    see noise._Lane.step): true unless the step crosses a power of two or d is below θ's ulp·2^-15. There the
     sum loses a last bit, which cannot be recovered without storing it (a parameter-sized buffer, which
     the design forbids): the error is at most one ulp of |θ| + |d|. A fused θ + α·z restored only ~55 % of weights.
     """
