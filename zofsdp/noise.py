@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -158,7 +158,7 @@ class Noise:
         if kind not in ("gaussian", "table"):
             raise ValueError(f"noise kind must be 'gaussian' or 'table', got {kind!r}")
         if threads < 1:
-            raise ValueError(f"noise threads must be >= 1, got {threads}")
+            raise ValueError(f"noise threads (zo.noise_threads) must be >= 1, or 0 for automatic; got {threads}")
         self.seed = seed
         self.kind = kind
         self.chunk_numel = chunk_numel
@@ -216,10 +216,9 @@ class Noise:
             try:
                 work(self.lanes[0], runs[0])
             finally:
-                for f in futures:  # all lanes finish before the pass returns, even when one fails
-                    f.exception()
+                wait(futures)  # every lane finishes before the pass returns, even when one fails
             for f in futures:
-                f.result()
+                f.result()  # re-raises a lane's error
 
     def add_(self, shards: Sequence[Shard], key: tuple[int, ...], scale: float) -> None:
         """shard += d(scale·z) in place on every shard: a ZO probe's perturbation (exactly undone by -scale)."""
