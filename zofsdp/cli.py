@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # Commands with their own argument parsers, in their own modules.
-SUBPROGRAMS = {"memory": "zofsdp.memory", "bench": "zofsdp.bench"}
+SUBPROGRAMS = {"memory": "zofsdp.measure.memory", "bench": "zofsdp.measure.bench"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,28 +40,89 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# ------------------------------------------------------------------------------------ writing HF folders
+
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # either one makes a loadable tokenizer
+
+
+def missing_files(folder: Path, tokenizer: bool = True) -> list[str]:
+    """What a folder lacks to load with from_pretrained: config, weights and (if asked) a tokenizer."""
+    folder = Path(folder)
+    missing = [name for name in ("config.json",) if not (folder / name).is_file()]
+    if not ((folder / WEIGHTS).is_file() or (folder / f"{WEIGHTS}.index.json").is_file()):
+        missing.append(WEIGHTS)
+    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    return missing
+
+
+def untied_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the aliases of tied parameters (e.g. lm_head.weight = embed_tokens.weight):
+    each tied tensor is written once, as from_pretrained expects, and safetensors refuses shared storage."""
+    kept = {name for name, _ in model.named_parameters()}  # one name per parameter object
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def write_hf_folder(folder: Path, model: nn.Module, state: dict[str, torch.Tensor], tokenizer=None) -> None:
+    """Write config, weights (one safetensors file, tied weights once) and tokenizer into `folder`.
+
+    Written with safetensors directly, not `save_pretrained`: since transformers 5.24 that writes weights
+    only on torch.distributed rank 0, so a conversion done by another rank would lose them silently.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in untied_state(model, state).items()}
+    save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+    model.config.to_json_file(str(folder / "config.json"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def publish(target: Path, build, tokenizer: bool = True) -> Path:
+    """Make `target` once, whichever process gets here first: under a file lock, `build(tmp)` writes a
+    temporary folder, which must be complete before the atomic rename. A target that is incomplete (left by
+    a crash or an older version) counts as absent and is rebuilt; a build that leaves files out is an error."""
+    with file_lock(target.with_suffix(".lock")):
+        if target.is_dir() and not missing_files(target, tokenizer):
+            return target
+        if target.exists():
+            log.warning("%s is incomplete (missing %s): rebuilding it", target,
+                        ", ".join(missing_files(target, tokenizer)))
+            shutil.rmtree(target)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            build(tmp)
+            missing = missing_files(tmp, tokenizer)
+            if missing:
+                raise RuntimeError(f"building {target} left out {', '.join(missing)}")
+            tmp.rename(target)  # atomic: a reader never sees a half-written folder
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantise a GGUF file once into a safetensors folder (0.4 s to reload instead of ~30 s)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    with file_lock(target.with_suffix(".lock")):
-        if (target / "config.json").is_file():
-            return target
+    def build(tmp: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
         log.info("converting %s to safetensors in %s (once)", gguf, target)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # The GGUF-loaded model refuses save_pretrained (it is marked quantised): copy its dequantised
-        # weights into a plain model built from the same config.
+        # The GGUF-loaded model is marked quantised: rebuild a plain config without that mark.
         config = model.config.to_dict()
         config.pop("quantization_config", None)
-        plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
-        plain.load_state_dict(model.state_dict())
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)  # atomic: a reader never sees a half-written folder
-    return target
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
+        write_hf_folder(tmp, plain, model.state_dict(), tokenizer)
+
+    return publish(target, build)
 
 
 def smollm2_path(cfg: ModelConfig) -> Path:

@@ -1,6 +1,6 @@
 """Memory regression tests: per rank, a ZO step stays at the inference peak, and does not grow.
 
-Figures come from PyTorch's memory trackers (zofsdp.mem_track), which count every tensor storage, so they
+Figures come from PyTorch's memory trackers (zofsdp.measure.tracker), which count every tensor storage, so they
 are exact and machine-independent. See docs/memory.md for the method and the numbers.
 """
 
@@ -12,7 +12,7 @@ import json
 import pytest
 
 from tests.conftest import ROOT, run_cli
-from zofsdp.memory import INFERENCE_LEVEL
+from zofsdp.measure.memory import INFERENCE_LEVEL
 from zofsdp.optim import OPTIMIZERS
 
 pytestmark = pytest.mark.memory
@@ -58,7 +58,7 @@ def measured(tmp_path, config: str, backend: str, num_steps: int, extra=()) -> d
 
 def measure_in_process(overrides=(), optimizers=("mezo",), num_steps: int = 1) -> dict:
     from zofsdp.config import load_config
-    from zofsdp.memory import measure
+    from zofsdp.measure.memory import measure
 
     return measure(load_config(TINY, list(overrides)), list(optimizers), num_steps)
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from zofsdp.bench import REFERENCE, ReferenceMeZO
-from zofsdp.bench_dist import CommCounter
+from zofsdp.measure.bench import REFERENCE, ReferenceMeZO
+from zofsdp.measure.dist import CommCounter
 from zofsdp.optim import OPTIMIZERS
 
 

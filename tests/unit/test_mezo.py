@@ -140,7 +140,7 @@ def test_weight_decay_is_applied_only_where_flagged():
 
 
 def test_noise_buffers_are_bounded():
-    from zofsdp.mem_track import tensor_bytes
+    from zofsdp.measure.tracker import tensor_bytes
 
     noise = Noise(seed=0, threads=2)
     assert tensor_bytes(vars(noise)) == 2 * (4 + 4 + 2) * noise.chunk_numel  # 640 KiB per lane, no more

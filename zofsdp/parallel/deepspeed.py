@@ -149,17 +149,17 @@ def tiny_checkpoint(cfg: ModelConfig, vocab_size: int) -> Path:
     """
     import transformers
 
-    from zofsdp.models import cache_root, file_lock, load_model
+    from zofsdp.models import cache_root, load_model, publish, write_hf_folder
 
     versions = f"tf{transformers.__version__}-torch{torch.__version__}"
     tag = f"{cfg.name_or_path}-v{vocab_size}-{cfg.dtype}-{versions}"
     target = cache_root(cfg) / "tiny" / tag.replace("+", "_")
-    with file_lock(target.with_suffix(".lock")):
-        if not (target / "config.json").is_file():
-            model = load_model(cfg, vocab_size, device="cpu")
-            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            model.save_pretrained(tmp)
-            tmp.rename(target)  # atomic: a reader never sees a half-written folder
+
+    def build(tmp: Path) -> None:
+        model = load_model(cfg, vocab_size, device="cpu")
+        write_hf_folder(tmp, model, model.state_dict())
+
+    publish(target, build, tokenizer=False)
     return target
 
 

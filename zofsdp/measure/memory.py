@@ -8,7 +8,7 @@ Per rank: the peak of (a) an inference forward of the wrapped model on the first
 figures come from PyTorch's memory trackers (process RSS beside them as a cross-check); on CUDA from
 `torch.cuda.max_memory_allocated` (the trackers still give the breakdown).
 
-Simulated (never materialised; see zofsdp.simulate for the method and what it leaves out):
+Simulated (never materialised; see zofsdp.measure.simulate for the method and what it leaves out):
     zofsdp memory --simulate --model configs/models/opt-30b.json --world-size 1 2 4 8 \\
         --dtype bf16 --seq-len 256 --batch-size 1 [--json out.json] [--png out.png]
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from zofsdp.mem_track import CATEGORIES, OptimizerMeasurement, Peak
+from zofsdp.measure.tracker import CATEGORIES, OptimizerMeasurement, Peak
 
 log = logging.getLogger("zofsdp")
 
@@ -137,7 +137,7 @@ def measure(cfg, optimizers: list[str], num_steps: int = 1, seq_len: int = 0) ->
 
 
 def _first_batch(session, seq_len: int):
-    from zofsdp.mem_track import synthetic_batch
+    from zofsdp.measure.tracker import synthetic_batch
     from zofsdp.scoring import encode
     from zofsdp.train import batches
 
@@ -153,7 +153,7 @@ def _measure_rank(session, optimizers: list[str], num_steps: int, seq_len: int) 
 
     import psutil
 
-    from zofsdp.mem_track import make_tracker, measure_inference, measure_optimizer
+    from zofsdp.measure.tracker import make_tracker, measure_inference, measure_optimizer
     from zofsdp.optim import build_optimizer
     from zofsdp.train import global_loss
 
@@ -275,7 +275,7 @@ def plot_measured(report: dict, path: str) -> None:
 
 
 def simulate_reports(args) -> list[dict]:
-    from zofsdp.simulate import simulate
+    from zofsdp.measure.simulate import simulate
 
     optimizers = None if args.optimizers in ("", "all") else _optimizer_names(args.optimizers, "mezo")
     seq_len = args.seq_len or 256
@@ -288,7 +288,7 @@ def simulate_reports(args) -> list[dict]:
 
 
 def simulated_report(result: dict, model: str, ws: int, dtype: str, seq_len: int, batch_size: int) -> dict:
-    from zofsdp.simulate import DTYPES, LEFT_OUT, adamw_full_finetune, hand_inference, zero3_zo
+    from zofsdp.measure.simulate import DTYPES, LEFT_OUT, adamw_full_finetune, hand_inference, zero3_zo
 
     stats, rows = result["stats"], result["rows_per_rank"]
     bytes_per = torch.finfo(DTYPES[dtype]).bits // 8

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import gc
 import itertools
-from contextlib import nullcontext
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch

@@ -107,7 +107,7 @@ def worker(args) -> int:
     """One rank: time and count `reps` steps of each optimizer in the spec, after one warm-up step."""
     import time
 
-    from zofsdp.bench import median, run_config
+    from zofsdp.measure.common import median, run_config
     from zofsdp.optim import build_optimizer
     from zofsdp.scoring import encode
     from zofsdp.train import global_loss, setup

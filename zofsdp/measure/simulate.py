@@ -3,7 +3,7 @@
 The model is built on the `meta` device from its config JSON, wrapped by the same backend code as a real
 run (`none` for one rank, FSDP2 otherwise) under a `fake` process group, and materialised with `to_empty`
 inside `FakeTensorMode`: tensors have shapes, dtypes and storages sizes but no data. The same measurement
-code as a real run (`zofsdp.mem_track`) then runs an inference forward and each ZO optimizer's real step
+code as a real run (`zofsdp.measure.tracker`) then runs an inference forward and each ZO optimizer's real step
 on rank 0's slice of the batch, under the PyTorch memory trackers.
 
 One shortcut, for time only: in the update phases the noise is applied to one chunk per distinct kind of
@@ -30,9 +30,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from zofsdp.mem_track import fake_losses, make_tracker, measure_inference, measure_optimizer, synthetic_batch
+from zofsdp.measure.tracker import (
+    fake_losses,
+    make_tracker,
+    measure_inference,
+    measure_optimizer,
+    synthetic_batch,
+)
 from zofsdp.noise import Noise, Piece, Shard
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,

@@ -11,11 +11,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from zofsdp.bench import TABLE_SUFFIX
+from zofsdp.measure.common import TABLE_SUFFIX
 
 
 def variants(args) -> dict[str, list[str]]:
-    from zofsdp.bench import wanted
+    from zofsdp.measure.common import wanted
     from zofsdp.optim import OPTIMIZERS
 
     out = {name: [f"zo.optimizer={name}"] for name in OPTIMIZERS}
@@ -55,7 +55,7 @@ def to_target(points: list[dict], target: float) -> dict:
 
 
 def section_convergence(args) -> dict:
-    from zofsdp.bench import run_config
+    from zofsdp.measure.common import run_config
     from zofsdp.metrics import read_metrics
     from zofsdp.train import train
 

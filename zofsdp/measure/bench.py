@@ -6,9 +6,9 @@ Sections (each runs alone with `--sections NAME ...`):
   noise        elements/s of our generate-and-apply pass (gaussian, table) vs a plain copy of the same
                bytes and vs torch's `normal_` + `add_` over a full-size z.
   comm         bytes per step per rank, the forward's parameter gathers apart from everything else
-               (2 processes under torchrun; see zofsdp.bench_dist).
+               (2 processes under torchrun; see zofsdp.measure.dist).
   convergence  eval accuracy vs forward passes and vs wall time per optimizer, same seeds
-               (see zofsdp.bench_convergence).
+               (see zofsdp.measure.convergence).
   scaling      per-rank throughput at 1 and 2 ranks per sharded backend.
 
 Timings are compared side by side in one process: every repetition times each contender once, in turn,
@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -31,12 +29,19 @@ from pathlib import Path
 
 import torch
 
+from zofsdp.measure.common import (
+    ONE_THREAD_SUFFIX,
+    TABLE_SUFFIX,
+    _load_average,
+    machine,
+    median,
+    run_config,
+    timed2,
+    wanted,
+)
+
 SECTIONS = ("overhead", "noise", "comm", "convergence", "scaling")
 REFERENCE = "mezo_reference"
-TABLE_SUFFIX = ":table"
-"""`mezo:table` = MeZO with zo.noise=table (the cheaper noise), timed beside the default."""
-ONE_THREAD_SUFFIX = ":1thread"
-"""`mezo:1thread` = MeZO with zo.noise_threads=1: what the default's noise threads gain."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        from zofsdp.bench_dist import worker
+        from zofsdp.measure.dist import worker
 
         return worker(args)
     results = {"machine": machine(), "quick": args.quick, "model": args.model, "batch_size": args.batch_size}
@@ -89,46 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.plot:
-        from zofsdp.bench_convergence import plot
+        from zofsdp.measure.convergence import plot
 
         for path in plot(results, Path(args.plot)):
             print(f"[bench] wrote {path}", file=sys.stderr)
     return 0
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-            "load_average_before": _load_average()}
-
-
-def _load_average() -> list[float] | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def wanted(args: argparse.Namespace, name: str) -> bool:
-    return not args.optimizers or name in args.optimizers
-
-
-def run_config(args: argparse.Namespace, *overrides: str):
-    from zofsdp.config import load_config
-
-    return load_config(None, [f"model.name_or_path={args.model}", f"train.batch_size={args.batch_size}",
-                              f"data.num_train={args.batch_size}", "data.num_dev=0", "data.num_eval=0",
-                              "train.save_model=false", *overrides])
-
-
-def timed2(fn) -> tuple[float, float, object]:
-    """(wall seconds, CPU seconds of this process, result). On a shared machine the CPU time is the
-    cross-check that descheduling cannot inflate (with one thread; more threads add spin-waiting)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 # ---------------------------------------------------------------------------------------------- overhead
@@ -362,7 +332,7 @@ def markdown(results: dict) -> str:
                                  f"{b['other_calls']:.0f} |")
         lines.append("")
     if "convergence" in results:
-        from zofsdp.bench_convergence import markdown_rows
+        from zofsdp.measure.convergence import markdown_rows
 
         lines += markdown_rows(results)
     if "scaling" in results:
@@ -380,19 +350,19 @@ def markdown(results: dict) -> str:
 
 
 def _comm(args):
-    from zofsdp.bench_dist import section_comm
+    from zofsdp.measure.dist import section_comm
 
     return section_comm(args)
 
 
 def _scaling(args):
-    from zofsdp.bench_dist import section_scaling
+    from zofsdp.measure.dist import section_scaling
 
     return section_scaling(args)
 
 
 def _convergence(args):
-    from zofsdp.bench_convergence import section_convergence
+    from zofsdp.measure.convergence import section_convergence
 
     return section_convergence(args)
 
