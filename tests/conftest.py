@@ -58,6 +58,20 @@ def assert_same_trajectory(a: list[dict], b: list[dict], rtol: float = 1e-5, key
             assert abs(x - y) <= rtol * max(abs(x), abs(y), 1e-12), (ra["step"], key, x, y)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_model_cache(tmp_path_factory):
+    """The whole suite converts into its own empty cache (ZOFSDP_CACHE, inherited by every launched
+    process), so it passes on a fresh machine and never depends on what an earlier run left in ~/.cache."""
+    cache = tmp_path_factory.mktemp("zofsdp-cache")
+    old = os.environ.get("ZOFSDP_CACHE")
+    os.environ["ZOFSDP_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("ZOFSDP_CACHE", None)
+    else:
+        os.environ["ZOFSDP_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from zofsdp.config import ModelConfig

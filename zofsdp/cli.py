@@ -1,59 +1,95 @@
-"""`zofsdp train|eval ...`: parse, build, run, close. Started by python, torchrun or deepspeed alike."""
+"""`zofsdp train|eval|memory|bench ...`: parse, build, run, close. Started by python, torchrun or deepspeed.
+
+Options and `section.key=value` overrides mix in any order (launch scripts put overrides first), so each
+command has its own parser and they are parsed intermixed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
 from zofsdp.config import load_config
 
+# Commands with their own argument parsers, in their own modules.
+SUBPROGRAMS = {"memory": "zofsdp.measure.memory", "bench": "zofsdp.measure.bench"}
+COMMANDS = {"train": "fine-tune with a ZO optimizer",
+            "eval": "accuracy of a model (base or saved run) on the held-out split",
+            "memory": "peak memory of a ZO step against inference, measured or simulated",
+            "bench": "step overhead, noise throughput, traffic, convergence"}
 
-def _common(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("-c", "--config", help="run YAML (default: the built-in defaults)")
-    sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. zo.lr=1e-5 train.steps=100")
+
+def versions() -> dict[str, str]:
+    """The versions a bug report needs: zofsdp and the libraries that decide its numbers."""
+    import platform
+
+    import torch
+
+    from zofsdp import __version__
+
+    out = {"zofsdp": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "deepspeed", "triton"):
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except Exception:  # absent, or failing to import on this machine: say so, never crash for it
+            out[name] = "not installed"
+    return out
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="zofsdp", description="Zeroth-order fine-tuning on sharded models.",
-        epilog="also: `zofsdp memory --help` (memory report), `zofsdp bench --help` (benchmarks)")
-    commands = p.add_subparsers(dest="command", required=True)
-    _common(commands.add_parser("train", help="fine-tune with a ZO optimizer"))
-    ev = commands.add_parser("eval", help="accuracy of a model (base or saved run) on the held-out split")
-    _common(ev)
-    ev.add_argument("--json", help="also write the result to this file")
+def top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zofsdp", description="Zeroth-order fine-tuning on sharded models.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="commands:\n" + "\n".join(f"  {k:8} {v}" for k, v in COMMANDS.items())
+                                + "\n\n`zofsdp COMMAND --help` for each.")
+    p.add_argument("command", choices=list(COMMANDS))
+    p.add_argument("--version", action="store_true", help="print the versions of zofsdp, torch, ... and exit")
     return p
 
 
-# Commands with their own argument parsers, in their own modules.
-SUBPROGRAMS = {"memory": "zofsdp.measure.memory", "bench": "zofsdp.measure.bench"}
+def parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options and positionals (overrides) in any order; DeepSpeed's launcher's --local_rank=N is dropped
+    (the rank also arrives in the environment); anything else unknown is an error."""
+    args, extra = p.parse_known_intermixed_args(argv)
+    extra = [a for a in extra if not a.startswith("--local_rank")]
+    if extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"zofsdp {command}", description=COMMANDS[command])
+    p.add_argument("-c", "--config", help="run YAML (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. zo.lr=1e-5 train.steps=100")
+    if command == "eval":
+        p.add_argument("--json", help="also write the result to this file")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBPROGRAMS:
-        import importlib
-
-        return importlib.import_module(SUBPROGRAMS[argv[0]]).main(argv[1:])
-    args, extra = parser().parse_known_args(argv)
-    # deepspeed's launcher appends --local_rank=N; the rank also arrives in the environment.
-    extra = [a for a in extra if not a.startswith("--local_rank")]
-    if extra:
-        parser().error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv[:1] == ["--version"]:
+        print(" ".join(f"{k} {v}" for k, v in versions().items()))
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        top_parser().parse_args(argv)  # prints usage, --help or --version, and exits
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command in SUBPROGRAMS:
+        return importlib.import_module(SUBPROGRAMS[command]).main(rest)
+    args = parse(command_parser(command), rest)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         print(f"zofsdp: config error: {err}", file=sys.stderr)
         return 2
-    if args.command == "train":
+    if command == "train":
         from zofsdp.train import train
 
         train(cfg)
         return 0
-    if args.command == "eval":
-        return _eval(cfg, args.json)
-    return 1
+    return _eval(cfg, args.json)
 
 
 def _eval(cfg, json_path: str | None) -> int:

@@ -267,6 +267,10 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+def save_config(cfg: RunConfig, path: str | os.PathLike, header: str = "") -> None:
+    """The resolved config as YAML that `-c` reads back; `header` lines become comments at the top (the
+    versions a run used, for bug reports, without adding keys the loader would refuse)."""
     with open(path, "w") as f:
+        for line in header.splitlines():
+            f.write(f"# {line}\n")
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -40,6 +40,8 @@ def setup(cfg: RunConfig, with_data: bool = True) -> Session:
     """Process group, tokenizer, data, model (loaded then wrapped by the backend)."""
     backend = build_backend(cfg.parallel.backend, cfg=cfg)
     setup_logging(backend.rank)
+    log.info("%s; %s backend, %d rank(s) on %s", version_line(), backend.name, backend.world_size,
+             backend.device)
     if backend.name == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("parallel.backend=none runs one process; use fsdp2 or deepspeed under torchrun")
     if cfg.train.batch_size < backend.world_size:
@@ -55,6 +57,12 @@ def setup(cfg: RunConfig, with_data: bool = True) -> Session:
     tokenizer = load_tokenizer(cfg.model)
     model = backend.wrap(backend.load_model(cfg.model, len(tokenizer)))
     return Session(cfg, backend, tokenizer, model, splits)
+
+
+def version_line() -> str:
+    from zofsdp.cli import versions
+
+    return ", ".join(f"{k} {v}" for k, v in versions().items())
 
 
 def local_rows(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -121,7 +129,7 @@ def _train_loop(session: Session) -> dict:
     is_main = backend.rank == 0
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml", header=f"written by {version_line()}")
         (out / "metrics.jsonl").unlink(missing_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl" if is_main else None)
     optimizer = build_optimizer(cfg.zo, backend.shards(), cfg.train.seed, backend.device,

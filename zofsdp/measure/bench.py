@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from zofsdp.cli import parse
 from zofsdp.measure.common import (
     ONE_THREAD_SUFFIX,
     TABLE_SUFFIX,
@@ -73,7 +74,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = defaults(parser().parse_args(sys.argv[1:] if argv is None else argv))
+    args = defaults(parse(parser(), sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

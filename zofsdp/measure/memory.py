@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from zofsdp.cli import parse
 from zofsdp.measure.tracker import CATEGORIES, OptimizerMeasurement, Peak
 
 log = logging.getLogger("zofsdp")
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    args = parse(parser(), sys.argv[1:] if argv is None else argv)
     if args.simulate:
         if not args.model:
             parser().error("--simulate needs --model CONFIG.json")
