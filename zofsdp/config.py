@@ -122,8 +122,10 @@ class ZOConfig:
     eps: float = 1e-3
     weight_decay: float = 0.0
     """Decoupled decay on weight matrices (never on biases, norms or embeddings' norms)."""
-    noise: Literal["gaussian", "table"] = "gaussian"
-    """How z is drawn (see zofsdp.noise): fresh Gaussians per chunk, or slices of a seeded Gaussian table."""
+    noise: Literal["auto", "gaussian", "table", "philox"] = "auto"
+    """How z is drawn (see zofsdp.noise): fresh Gaussians per chunk, slices of a seeded Gaussian table, or
+    counter-based Philox (z a pure function of key and index; one fused Triton launch per shard on CUDA).
+    `auto`: philox on CUDA, gaussian elsewhere (faster on CPU; docs/performance.md)."""
     chunk_numel: int = 1 << 16
     """Noise is generated in chunks of this many elements; part of the noise's definition."""
     table_numel: int = 1 << 24

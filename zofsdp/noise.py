@@ -11,6 +11,10 @@ Two kinds of z, both with E[z] = 0 and E[z z^T] = I:
 - `table`: a fixed table of Gaussians made once from the run seed; chunk c reads a contiguous slice at a
   seeded offset (Salimans et al. 2017 share a table among evolution-strategy workers). No RNG in the hot
   loop, ~8x cheaper on CPU, at the price of the table's memory and of slices that can overlap.
+- `philox`: counter-based, z a pure function of (key, global flat index) element by element
+  (`zofsdp.philox`); chunks are only a unit of work. On CUDA one fused Triton launch per shard and pass
+  (`zofsdp.kernels`); elsewhere the torch reference, chunk by chunk. `auto` is `philox` on CUDA,
+  `gaussian` elsewhere.
 
 Memory: three chunk-sized buffers per lane (640 KiB at the default); no parameter-sized temporary is ever
 made. A pass runs on one lane per CPU thread (see `Noise`), with the same result for any lane count.
@@ -26,7 +30,29 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from zofsdp import philox
+
 _MASK64 = (1 << 64) - 1
+KINDS = ("gaussian", "table", "philox")
+
+
+def resolve_kind(kind: str, device: torch.device | str) -> str:
+    """`auto` -> `philox` on CUDA (one fused launch per shard), `gaussian` elsewhere (faster on CPU)."""
+    if kind == "auto":
+        return "philox" if torch.device(device).type == "cuda" else "gaussian"
+    return kind
+
+
+def _philox_kernels(seed: int, device: torch.device):
+    """The fused passes where they run: CUDA, or CPU under TRITON_INTERPRET=1 with ZOFSDP_PHILOX_KERNELS=1
+    (tests). Elsewhere None: the chunked path draws z from the torch reference."""
+    import os
+
+    if device.type == "cuda" or os.environ.get("ZOFSDP_PHILOX_KERNELS") == "1":
+        from zofsdp.kernels import PhiloxKernels
+
+        return PhiloxKernels(seed)
+    return None
 
 
 def _splitmix64(x: int) -> int:
@@ -110,6 +136,8 @@ class _Lane:
 
     def __init__(self, chunk_numel: int, device: torch.device):
         self.generator = torch.Generator(device=device)
+        self.host = self.generator if device.type == "cpu" else torch.Generator()
+        """Draws the table offsets on the host: reading a device draw back would sync once per chunk."""
         self.buffer = torch.empty(chunk_numel, dtype=torch.float32, device=device)
         self.scaled = torch.empty(chunk_numel, dtype=torch.float32, device=device)
         self.rounded = torch.empty(chunk_numel, dtype=torch.bfloat16, device=device)
@@ -155,8 +183,9 @@ class Noise:
         device: torch.device | str = "cpu",
         threads: int = 1,
     ):
-        if kind not in ("gaussian", "table"):
-            raise ValueError(f"noise kind must be 'gaussian' or 'table', got {kind!r}")
+        kind = resolve_kind(kind, device)
+        if kind not in KINDS:
+            raise ValueError(f"noise kind must be one of {', '.join(KINDS)} or 'auto', got {kind!r}")
         if threads < 1:
             raise ValueError(f"noise threads (zo.noise_threads) must be >= 1, or 0 for automatic; got {threads}")
         self.seed = seed
@@ -171,6 +200,9 @@ class Noise:
                 raise ValueError("noise table must hold at least two chunks")
             generator = torch.Generator(device=self.device).manual_seed(mix_seed(seed, 0x7AB1E))
             self.table = torch.randn(table_numel, generator=generator, device=self.device)
+        self.kernels = _philox_kernels(seed, self.device) if kind == "philox" else None
+        """Fused Triton passes for `philox` (see _philox_kernels); None: the chunked path."""
+        self._runs_cache: dict[tuple, list[list[Piece]]] = {}
 
     @property
     def num_chunks_generated(self) -> int:
@@ -180,11 +212,16 @@ class Noise:
     def _chunk(self, lane: _Lane, key: tuple[int, ...], chunk: int, length: int) -> torch.Tensor:
         """z for one chunk of `length` elements (the chunk's full length); key = (step, direction, block)."""
         lane.chunks += 1
-        lane.generator.manual_seed(mix_seed(self.seed, *key, chunk))
+        if self.kind == "philox":  # counter-based: the chunk is only a unit of work
+            lo = chunk * self.chunk_numel
+            return philox.normal(mix_seed(self.seed, *key), lo, lo + length, self.device)
+        seed = mix_seed(self.seed, *key, chunk)
         if self.table is not None:
             high = self.table.numel() - length
-            offset = int(torch.randint(0, high + 1, (1,), generator=lane.generator, device=self.device))
+            lane.host.manual_seed(seed)  # on CPU the lane's own generator: the same offsets as ever
+            offset = int(torch.randint(0, high + 1, (1,), generator=lane.host))
             return self.table[offset : offset + length]
+        lane.generator.manual_seed(seed)
         out = lane.buffer[:length]
         torch.randn(length, generator=lane.generator, out=out)
         return out
@@ -201,7 +238,7 @@ class Noise:
 
     def _run(self, shards: Sequence[Shard], key: tuple[int, ...], apply) -> None:
         """For every piece: apply(lane, shard index, view of the shard, matching slice of z)."""
-        runs = _split(self.plan(shards), len(self.lanes))
+        runs = self._runs(shards)
 
         def work(lane: _Lane, run: list[Piece]) -> None:
             for p in run:
@@ -220,14 +257,29 @@ class Noise:
             for f in futures:
                 f.result()  # re-raises a lane's error
 
+    def _runs(self, shards: Sequence[Shard]) -> list[list[Piece]]:
+        """The pass's pieces split over the lanes, cached per shard layout: OPT-30B on 8 ranks has ~57 k
+        pieces per rank, and re-planning them every pass cost 1-3 us each (GPU-PATH.md section 3.1)."""
+        layout = tuple((s.global_start, s.numel, s.full_numel, s.data.dtype) for s in shards)
+        if layout not in self._runs_cache:
+            if len(self._runs_cache) >= 64:  # masked passes (CurvZO, AdaLeZO) make many distinct lists
+                self._runs_cache.clear()
+            self._runs_cache[layout] = _split(self.plan(shards), len(self.lanes))
+        return self._runs_cache[layout]
+
     def add_(self, shards: Sequence[Shard], key: tuple[int, ...], scale: float) -> None:
         """shard += d(scale·z) in place on every shard: a ZO probe's perturbation (exactly undone by -scale)."""
+        if self.kernels is not None:
+            return self.kernels.add_(shards, key, scale)
         self._run(shards, key, lambda lane, _, view, z: view.add_(lane.step(z, scale)))
 
     def restore_update_(self, shards: Sequence[Shard], key: tuple[int, ...], restore: float,
                         updates: Sequence[float], decays: Sequence[float]) -> None:
         """One pass: shard += d(restore·z) (undoes a probe), then shard <- decays[i]·shard + updates[i]·z
         (the optimizer step, weight decay included), per shard i."""
+        if self.kernels is not None:  # one fused launch per shard; same rounding rule (philox.reference_pass)
+            stochastic = getattr(self, "rounding", "nearest") == "stochastic"
+            return self.kernels.restore_update_(shards, key, restore, updates, decays, stochastic)
 
         def apply(lane: _Lane, i: int, view: torch.Tensor, z: torch.Tensor) -> None:
             if restore:
