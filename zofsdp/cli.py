@@ -22,18 +22,18 @@ COMMANDS = {"train": "fine-tune with a ZO optimizer",
 
 
 def versions() -> dict[str, str]:
-    """The versions a bug report needs: zofsdp and the libraries that decide its numbers."""
+    """The versions a bug report needs: zofsdp and the libraries that decide its numbers (read from the
+    installed packages' metadata, so nothing heavy is imported)."""
     import platform
-
-    import torch
+    from importlib.metadata import PackageNotFoundError, version
 
     from zofsdp import __version__
 
-    out = {"zofsdp": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "deepspeed", "triton"):
+    out = {"zofsdp": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "deepspeed", "triton"):
         try:
-            out[name] = importlib.import_module(name).__version__
-        except Exception:  # absent, or failing to import on this machine: say so, never crash for it
+            out[name] = version(name)
+        except PackageNotFoundError:
             out[name] = "not installed"
     return out
 
@@ -48,14 +48,18 @@ def top_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Options and positionals (overrides) in any order; DeepSpeed's launcher's --local_rank=N is dropped
-    (the rank also arrives in the environment); anything else unknown is an error."""
-    args, extra = p.parse_known_intermixed_args(argv)
-    extra = [a for a in extra if not a.startswith("--local_rank")]
-    if extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args
+def without_local_rank(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` that DeepSpeed's launcher puts before the command (the rank also arrives
+    in the environment as LOCAL_RANK)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--local_rank":
+            skip = True
+        elif not arg.startswith("--local_rank="):
+            out.append(arg)
+    return out
 
 
 def command_parser(command: str) -> argparse.ArgumentParser:
@@ -68,7 +72,7 @@ def command_parser(command: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = without_local_rank(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
         print(" ".join(f"{k} {v}" for k, v in versions().items()))
         return 0
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in SUBPROGRAMS:
         return importlib.import_module(SUBPROGRAMS[command]).main(rest)
-    args = parse(command_parser(command), rest)
+    args = command_parser(command).parse_intermixed_args(rest)
     try:
         cfg = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:

@@ -32,7 +32,13 @@ class ModelConfig:
     name_or_path: str = "smollm2-135m"
     """Hub id, local folder, a .gguf file, `smollm2-135m` (the embedded default) or `tiny-llama`/`tiny-opt`."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the weights and of the computation."""
+    """Dtype of the stored weights (the shards), where updates accumulate. bf16/fp16 shards are never
+    perturbed in place: the forwards perturb the gathered copy and updates round stochastically."""
+    compute_dtype: Literal["", "float32", "bfloat16", "float16"] = ""
+    """Dtype of the forward; "" = model.dtype. float32 shards with bfloat16 compute is mixed precision
+    (FSDP2 MixedPrecisionPolicy, DeepSpeed torch_autocast, autocast on one process): exact probes."""
+    update_rounding: Literal["stochastic", "nearest"] = "stochastic"
+    """How updates are rounded into bf16/fp16 shards; nearest drops most updates below half an ulp."""
     cache_dir: str = ""
     """Where converted checkpoints are kept; default $ZOFSDP_CACHE or ~/.cache/zofsdp."""
     max_length: int = 256
@@ -158,6 +164,7 @@ class RunConfig:
 
 def check(cfg: RunConfig) -> None:
     """Cross-field validation; each message says what to change."""
+    check_precision(cfg.model, cfg.parallel.backend)
     if cfg.train.steps < 0:
         raise ValueError(f"train.steps must be >= 0, got {cfg.train.steps}")
     if cfg.train.batch_size < 1:
@@ -180,6 +187,25 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("zo.adalezo needs 0 < rho <= 1, 0 <= gamma <= 1, tau > 0, 0 <= alpha < 1")
     if a.max_weight < 0 or 0 < a.max_weight < 1:
         raise ValueError(f"zo.adalezo.max_weight must be 0 (no clip) or >= 1, got {a.max_weight}")
+
+
+def compute_dtype(model: ModelConfig) -> str:
+    """The forward's dtype: model.compute_dtype, or model.dtype when that is empty."""
+    return model.compute_dtype or model.dtype
+
+
+def check_precision(model: ModelConfig, backend: str) -> None:
+    """The precision modes that exist: same dtype for both, or fp32 shards with low-precision compute."""
+    compute = compute_dtype(model)
+    if compute != model.dtype and model.dtype != "float32":
+        raise ValueError(f"model.compute_dtype={compute} with model.dtype={model.dtype}: only float32 shards "
+                         "can compute in another dtype (mixed precision); set compute_dtype to "
+                         f"{model.dtype} or model.dtype to float32")
+    if model.dtype != "float32" and backend == "deepspeed":
+        raise ValueError(f"model.dtype={model.dtype} with parallel.backend=deepspeed: bf16/fp16 shards are "
+                         "supported on fsdp2 and none only (their probes go to the gathered parameters); "
+                         f"use model.dtype=float32 model.compute_dtype={model.dtype} (fp32 partitions, "
+                         f"{model.dtype} gathers) or parallel.backend=fsdp2")
 
 
 # ---------------------------------------------------------------------------------------------- loading

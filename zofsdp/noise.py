@@ -95,6 +95,70 @@ def one_thread(device: torch.device):
         torch.set_num_threads(threads)
 
 
+# ------------------------------------------------------------------ low-precision updates (bf16/fp16 shards)
+# An update η·ĝ·z of 1e-6 is below half an ulp of most bf16 weights: round-to-nearest keeps ~3 % of it
+# (docs/memory.md, "Precision modes"). Stochastic rounding keeps it in expectation. Its random bits must be
+# the same on every layout, so, like z, they are a pure function of (seed, step, direction, block, global
+# flat index): a counter-based hash, no generator state. The Triton `philox` kernel mirrors this rule.
+
+ROUNDINGS = ("stochastic", "nearest")
+SR_TAG = 0x570C
+"""Separates the rounding bits' key from z's key for the same (seed, step, direction, block)."""
+_M32 = 0xFFFFFFFF
+
+
+def sr_key(seed: int, key: tuple[int, ...]) -> int:
+    """Key of one block's rounding bits: mix_seed(mix_seed(seed, step, direction, block), SR_TAG)."""
+    return mix_seed(mix_seed(seed, *key), SR_TAG)
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' hash-prospector 2-round xorshift-multiply, bias 0.021) on int64
+    holding uint32 values. Both multipliers are < 2^31, so products stay below 2^63: no overflow."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def sr_word(key: int, index: torch.Tensor) -> torch.Tensor:
+    """32 random bits per global flat index (int64 in [0, 2^32)): hash(hash(i ^ k0) ^ k1), k0/k1 the
+    low/high 32 bits of `key`. Indices must be < 2^32 (the largest tensor of a 175B model has 6.2e8)."""
+    x = _hash32(index ^ (key & _M32))
+    return _hash32(x ^ ((key >> 32) & _M32))
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype, key: int, start: int, rounding: str = "stochastic"):
+    """fp32 values x (global flat indices start, start+1, ...) rounded to `dtype` (bf16 or fp16).
+
+    Stochastic: with r = the top bits of sr_word(key, i), add r below the target's last mantissa bit of
+    x's fp32 pattern and truncate (sign-magnitude: the magnitude rounds up with probability
+    (dropped part)/ulp, so E[result] = x). bf16 drops 16 bits; fp16 drops 13 where |x| >= 2^-14, and
+    below that (fp16 subnormals, spacing 2^-24) rounds x·2^24 up with probability frac(x·2^24), with
+    u = r16/2^16. Overflow to inf is left to the cast, as in round-to-nearest.
+    """
+    if rounding == "nearest" or dtype == torch.float32:
+        return x.to(dtype)
+    word = sr_word(key, torch.arange(start, start + x.numel(), device=x.device))
+    bits = x.view(torch.int32).to(torch.int64)
+    if dtype == torch.bfloat16:
+        out = _fp32_from_bits((bits + (word >> 16)) & ~0xFFFF)
+        return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
+    if dtype != torch.float16:
+        raise ValueError(f"stochastic rounding to {dtype} is not defined")
+    normal = _fp32_from_bits((bits + (word >> 19)) & ~0x1FFF)
+    scaled = x * 2.0**24  # exact (a power of two)
+    sub = torch.floor(scaled + (word >> 16).to(torch.float32) * 2.0**-16) * 2.0**-24
+    return torch.where(x.abs() < 2.0**-14, sub, normal).to(torch.float16)
+
+
+def _fp32_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    """int64 holding a 32-bit pattern (carries past bit 31 dropped) -> fp32."""
+    bits = bits & _M32
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
 @dataclass(slots=True)
 class Shard:
     """The part of one parameter tensor that this rank owns, as a flat view it may edit in place."""
@@ -182,13 +246,18 @@ class Noise:
         table_numel: int = 1 << 24,
         device: torch.device | str = "cpu",
         threads: int = 1,
+        rounding: str = "stochastic",
     ):
         kind = resolve_kind(kind, device)
         if kind not in KINDS:
             raise ValueError(f"noise kind must be one of {', '.join(KINDS)} or 'auto', got {kind!r}")
         if threads < 1:
             raise ValueError(f"noise threads (zo.noise_threads) must be >= 1, or 0 for automatic; got {threads}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.seed = seed
+        self.rounding = rounding
+        """How updates of bf16/fp16 shards are rounded (fp32 shards are never rounded)."""
         self.kind = kind
         self.chunk_numel = chunk_numel
         self.device = torch.device(device)
@@ -237,7 +306,8 @@ class Noise:
         return pieces
 
     def _run(self, shards: Sequence[Shard], key: tuple[int, ...], apply) -> None:
-        """For every piece: apply(lane, shard index, view of the shard, matching slice of z)."""
+        """For every piece: apply(lane, shard index, view of the shard, matching slice of z, global index
+        of the view's first element)."""
         runs = self._runs(shards)
 
         def work(lane: _Lane, run: list[Piece]) -> None:
@@ -246,7 +316,7 @@ class Noise:
                 z = self._chunk(lane, (*key, shard.block_id), p.chunk, p.length)
                 base = p.chunk * self.chunk_numel
                 view = shard.data[p.lo - shard.global_start : p.hi - shard.global_start]
-                apply(lane, p.shard, view, z[p.lo - base : p.hi - base])
+                apply(lane, p.shard, view, z[p.lo - base : p.hi - base], p.lo)
 
         with one_thread(self.device):
             futures = [self._pool.submit(work, lane, run) for lane, run in zip(self.lanes[1:], runs[1:]) if run]
@@ -271,7 +341,7 @@ class Noise:
         """shard += d(scale·z) in place on every shard: a ZO probe's perturbation (exactly undone by -scale)."""
         if self.kernels is not None:
             return self.kernels.add_(shards, key, scale)
-        self._run(shards, key, lambda lane, _, view, z: view.add_(lane.step(z, scale)))
+        self._run(shards, key, lambda lane, _, view, z, lo: view.add_(lane.step(z, scale)))
 
     def restore_update_(self, shards: Sequence[Shard], key: tuple[int, ...], restore: float,
                         updates: Sequence[float], decays: Sequence[float]) -> None:
@@ -281,7 +351,16 @@ class Noise:
             stochastic = getattr(self, "rounding", "nearest") == "stochastic"
             return self.kernels.restore_update_(shards, key, restore, updates, decays, stochastic)
 
-        def apply(lane: _Lane, i: int, view: torch.Tensor, z: torch.Tensor) -> None:
+        if restore and any(s.data.dtype != torch.float32 for s in shards):
+            raise ValueError("a restore in place needs fp32 shards (low-precision shards are never perturbed)")
+
+        def apply(lane: _Lane, i: int, view: torch.Tensor, z: torch.Tensor, lo: int) -> None:
+            if view.dtype != torch.float32:  # bf16/fp16 storage: fp32 arithmetic, then one rounding
+                if decays[i] != 1.0 or updates[i]:
+                    x = view.float().mul_(decays[i]).add_(z, alpha=updates[i])
+                    key_i = sr_key(self.seed, (*key, shards[i].block_id))
+                    view.copy_(round_to(x, view.dtype, key_i, lo, self.rounding))
+                return
             if restore:
                 view.add_(lane.step(z, restore))
             if decays[i] != 1.0:

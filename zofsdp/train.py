@@ -133,7 +133,8 @@ def _train_loop(session: Session) -> dict:
         (out / "metrics.jsonl").unlink(missing_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl" if is_main else None)
     optimizer = build_optimizer(cfg.zo, backend.shards(), cfg.train.seed, backend.device,
-                                blocks=backend.blocks())
+                                blocks=backend.blocks(), probe=getattr(backend, "probe", None),
+                                rounding=cfg.model.update_rounding)
     data = batches(session.splits.train, cfg.train.batch_size, cfg.train.seed)
 
     result = _evaluate_and_log(session, metrics, step=0)

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from zofsdp.cli import parse
 from zofsdp.measure.common import (
     ONE_THREAD_SUFFIX,
     TABLE_SUFFIX,
@@ -74,7 +73,7 @@ def defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = defaults(parse(parser(), sys.argv[1:] if argv is None else argv))
+    args = defaults(parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from zofsdp.cli import parse
 from zofsdp.measure.tracker import CATEGORIES, OptimizerMeasurement, Peak
 
 log = logging.getLogger("zofsdp")
@@ -56,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(parser(), sys.argv[1:] if argv is None else argv)
+    args = parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if args.simulate:
         if not args.model:
             parser().error("--simulate needs --model CONFIG.json")
@@ -178,7 +177,8 @@ def _measure_rank(session, optimizers: list[str], num_steps: int, seq_len: int) 
         zo = dataclasses.replace(cfg.zo, optimizer=name)
         _reset_cuda(cuda)
         def build(zo=zo):
-            return build_optimizer(zo, backend.shards(), cfg.train.seed, backend.device, blocks=backend.blocks())
+            return build_optimizer(zo, backend.shards(), cfg.train.seed, backend.device, blocks=backend.blocks(),
+                                   probe=getattr(backend, "probe", None), rounding=cfg.model.update_rounding)
 
         m = measure_optimizer(tracker, name, build, forward, num_steps)
         out["optimizers"][name] = _optimizer_dict(m, inference.total)

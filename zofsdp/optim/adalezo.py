@@ -84,8 +84,9 @@ class LayerBandit:
 
 
 class AdaLeZO(ZOOptimizer):
-    def __init__(self, shards: list[Shard], cfg, seed: int, device="cpu", blocks: list[BlockSpec] | None = None):
-        super().__init__(shards, cfg, seed, device, blocks=blocks)
+    def __init__(self, shards: list[Shard], cfg, seed: int, device="cpu", blocks: list[BlockSpec] | None = None,
+                 **precision):
+        super().__init__(shards, cfg, seed, device, blocks=blocks, **precision)
         self.bandit = LayerBandit(self.blocks, cfg.adalezo, seed)
 
     def step(self, loss_fn: LossFn, step: int) -> dict:
@@ -94,14 +95,15 @@ class AdaLeZO(ZOOptimizer):
         counts = self.bandit.draw(probs, step)
         weight = self.bandit.weights(counts, probs).tolist()
         drawn = [s for s in self.shards if counts[units.unit_of[s.name]] > 0]
+        names = [n for n, _, _ in self.blocks if counts[units.unit_of[n]] > 0]  # all ranks' tensors
         record = {"keep_fraction": float((units.sizes * (counts > 0)).sum()) / units.total,
                   "num_layers_drawn": int((counts > 0).sum()), "forward_passes": 2}
-        self.perturb(drawn, key, +eps)
+        self.perturb(drawn, key, +eps, names)
         loss_plus = loss_fn()
-        self.perturb(drawn, key, -2 * eps)
+        self.perturb(drawn, key, -2 * eps, names)
         loss_minus = loss_fn()
         if not self.finite(loss_plus, loss_minus):
-            self.perturb(drawn, key, +eps)  # restore only; rewards untouched
+            self.perturb(drawn, key, +eps, names)  # restore only; rewards untouched
             return {"loss": float("nan"), "projected_grad": float("nan"), **record, "skipped": True}
         g = (loss_plus - loss_minus) / (2 * eps)
         self.restore_and_update(drawn, key, eps, lambda s: g * weight[units.unit_of[s.name]])

@@ -14,15 +14,23 @@ import torch
 
 from zofsdp.config import ZOConfig
 from zofsdp.noise import Noise, Shard, default_threads
+from zofsdp.optim.probe import Probe
 
 LossFn = Callable[[], float]
 
 
 class ZOOptimizer:
     def __init__(self, shards: list[Shard], cfg: ZOConfig, seed: int, device: torch.device | str = "cpu",
-                 blocks: list[tuple[str, int, str]] | None = None):
+                 blocks: list[tuple[str, int, str]] | None = None, probe: Probe | None = None,
+                 rounding: str = "stochastic"):
         if not shards:
             raise ValueError("no parameters to optimize on this rank")
+        low = sorted({str(s.data.dtype) for s in shards if s.data.dtype != torch.float32})
+        if low and probe is None:
+            raise ValueError(f"shards in {', '.join(low)} cannot be perturbed in place (+εz, −2εz, +εz does "
+                             "not restore them): build the optimizer with the backend's probe")
+        self.probe = probe
+        """Set: probes go to the gathered parameters through the backend's hooks, never to the shards."""
         self.shards = shards
         # (name, full numel, group) of every parameter, identical on every rank: samplers index blocks by
         # it, since a rank's shards can miss a tensor it owns no rows of. Default: what the shards show.
@@ -30,14 +38,24 @@ class ZOOptimizer:
         self.cfg = cfg
         self.seed = seed
         self.noise = Noise(seed, kind=cfg.noise, chunk_numel=cfg.chunk_numel, table_numel=cfg.table_numel,
-                           device=device, threads=cfg.noise_threads or default_threads(device))
+                           device=device, threads=cfg.noise_threads or default_threads(device),
+                           rounding=rounding)
+        if probe is not None:
+            probe.noise = self.noise
 
     def step(self, loss_fn: LossFn, step: int) -> dict:
         """One update; returns at least `loss`, `projected_grad` and `forward_passes` (this step)."""
         raise NotImplementedError
 
-    def perturb(self, shards: list[Shard], key: tuple[int, ...], scale: float) -> None:
-        """θ += scale·z on each shard (exactly undone by the opposite scale; see noise._Lane.step)."""
+    def perturb(self, shards: list[Shard], key: tuple[int, ...], scale: float,
+                names: list[str] | None = None) -> None:
+        """θ += scale·z on each shard (exactly undone by the opposite scale; see noise._Lane.step).
+
+        With a probe, only the forwards see it (on the gathered tensors `names`: default the shards'
+        names; pass every rank's full list when a rank may own no rows of a perturbed tensor)."""
+        if self.probe is not None:
+            self.probe.shift(names if names is not None else [s.name for s in shards], key, scale)
+            return
         self.noise.add_(shards, key, scale)
 
     def restore_and_update(self, shards: list[Shard], key: tuple[int, ...], restore: float,
@@ -48,6 +66,9 @@ class ZOOptimizer:
         the shard for per-block weights (importance sampling).
         """
         lr, wd = self.cfg.lr, self.cfg.weight_decay
+        if self.probe is not None:  # the shards were never perturbed: end the probe, write the update only
+            self.probe.shift(self.probe.names, key, restore)
+            restore = 0.0
         updates = [-lr * (grad_scale(s) if callable(grad_scale) else grad_scale) for s in shards]
         decays = [1.0 - lr * wd if s.decay and wd else 1.0 for s in shards]
         self.noise.restore_update_(shards, key, restore, updates, decays)

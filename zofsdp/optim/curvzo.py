@@ -41,8 +41,9 @@ MASK_TAG = 0xC0_2F  # mixes into the mask generator's seed so masks never reuse 
 
 
 class CurvZO(ZOOptimizer):
-    def __init__(self, shards: list[Shard], cfg, seed: int, device="cpu", blocks: list[BlockSpec] | None = None):
-        super().__init__(shards, cfg, seed, device, blocks=blocks)
+    def __init__(self, shards: list[Shard], cfg, seed: int, device="cpu", blocks: list[BlockSpec] | None = None,
+                 **precision):
+        super().__init__(shards, cfg, seed, device, blocks=blocks, **precision)
         self.c = cfg.curvzo
         self.units = build_units(self.blocks, self.c.granularity)
         num = len(self.units.names)
@@ -97,17 +98,18 @@ class CurvZO(ZOOptimizer):
         probs = self.keep_probs()
         keep = self.draw_mask(probs, step)
         kept = [s for s in self.shards if bool(keep[self.units.unit_of[s.name]])]
+        names = [n for n, _, _ in self.blocks if bool(keep[self.units.unit_of[n]])]  # all ranks' tensors
         record = {"keep_fraction": float((self.units.sizes * keep).sum()) / self.units.total,
                   "budget": self.budget, "forward_passes": 2}
         if not bool(keep.any()):  # nothing to probe: ĝ = 0 (still unbiased); one forward for the log
             self.update_budget()
             return {"loss": loss_fn(), "projected_grad": 0.0, **record, "forward_passes": 1}
-        self.perturb(kept, key, +eps)
+        self.perturb(kept, key, +eps, names)
         loss_plus = loss_fn()
-        self.perturb(kept, key, -2 * eps)
+        self.perturb(kept, key, -2 * eps, names)
         loss_minus = loss_fn()
         if not self.finite(loss_plus, loss_minus):
-            self.perturb(kept, key, +eps)  # restore only; scores and budget untouched
+            self.perturb(kept, key, +eps, names)  # restore only; scores and budget untouched
             return {"loss": float("nan"), "projected_grad": float("nan"), **record, "skipped": True}
         g = (loss_plus - loss_minus) / (2 * eps)
         inv_prob = (1.0 / probs).tolist()

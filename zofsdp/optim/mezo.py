@@ -16,13 +16,14 @@ from zofsdp.optim.base import LossFn, ZOOptimizer
 class MeZO(ZOOptimizer):
     def step(self, loss_fn: LossFn, step: int) -> dict:
         eps, key = self.cfg.eps, (step, 0)
-        self.perturb(self.shards, key, +eps)
+        names = [name for name, _, _ in self.blocks]  # every tensor, owned rows or not
+        self.perturb(self.shards, key, +eps, names)
         loss_plus = loss_fn()
-        self.perturb(self.shards, key, -2 * eps)
+        self.perturb(self.shards, key, -2 * eps, names)
         loss_minus = loss_fn()
         g = (loss_plus - loss_minus) / (2 * eps)
         if not self.finite(loss_plus, loss_minus):
-            self.perturb(self.shards, key, +eps)  # restore only; the trainer counts the skip
+            self.perturb(self.shards, key, +eps, names)  # restore only; the trainer counts the skip
             return {"loss": float("nan"), "projected_grad": float("nan"), "forward_passes": 2, "skipped": True}
         self.restore_and_update(self.shards, key, eps, g)
         return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, "forward_passes": 2,

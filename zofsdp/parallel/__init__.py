@@ -9,11 +9,11 @@ def build_backend(name: str, **kwargs) -> Backend:
     if name == "none":
         from zofsdp.parallel.none import NoneBackend
 
-        return NoneBackend()
+        return NoneBackend(kwargs.get("cfg"))
     if name == "fsdp2":
         from zofsdp.parallel.fsdp2 import FSDP2Backend
 
-        return FSDP2Backend()
+        return FSDP2Backend(kwargs.get("cfg"))
     if name == "deepspeed":
         from zofsdp.parallel.deepspeed import DeepSpeedBackend
 

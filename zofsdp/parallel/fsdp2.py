@@ -8,27 +8,40 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from zofsdp.models import decoder_layers
+from zofsdp.optim.probe import Probe
 from zofsdp.parallel.base import Backend, init_distributed
+from zofsdp.parallel.precision import dtypes, probe_fsdp2_units
 
 
 class FSDP2Backend(Backend):
     name = "fsdp2"
 
-    def __init__(self) -> None:
+    probe: Probe | None = None
+    """Set when the shards are bf16/fp16: the optimizer's probes go to the gathered parameters."""
+
+    def __init__(self, cfg=None) -> None:
+        self.store_dtype, self.compute_dtype = dtypes(cfg)
         self.rank, self.world_size, self.device = init_distributed()
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self._remember(model)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        for layer in decoder_layers(model):
-            fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+        # Mixed precision: the shards stay fp32 (updates and exact probes), each is cast to the compute
+        # dtype before its all-gather, so traffic and gathered copies are those of a bf16 model.
+        mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        layers = decoder_layers(model)
+        for layer in layers:
+            fully_shard(layer, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
         # The root (embeddings, final norm, lm head) must reshard too: left unsharded after a forward,
         # edits to its shards would be silently ignored by the next forward.
-        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
+        if self.store_dtype != torch.float32:  # bf16/fp16 shards: probes go to the gathered copies
+            self.probe = Probe()
+            probe_fsdp2_units(model, layers, self.probe)
         self.model = model
         return model
 

@@ -5,19 +5,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zofsdp.optim.probe import Probe
 from zofsdp.parallel.base import Backend
+from zofsdp.parallel.precision import autocast_forward, dtypes, probe_by_swapping
 
 
 class NoneBackend(Backend):
     name = "none"
 
-    def __init__(self) -> None:
+    probe: Probe | None = None
+    """Set when the weights are bf16/fp16: the optimizer's probes reach only the forwards."""
+
+    def __init__(self, cfg=None) -> None:
+        self.store_dtype, self.compute_dtype = dtypes(cfg)
         self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self._remember(model)
         self.model = model.to(self.device)
+        self.apply_precision(self.model)
         return self.model
+
+    def apply_precision(self, model: nn.Module) -> None:
+        """Mixed: fp32 weights (exact probes), the forward under autocast. bf16/fp16 weights: probes swap
+        in a perturbed copy during each module's forward (zofsdp.parallel.precision)."""
+        if self.compute_dtype != self.store_dtype:
+            autocast_forward(model, self.compute_dtype, self.device)
+        if self.store_dtype != torch.float32:
+            self.probe = Probe()
+            probe_by_swapping(model, self.probe)
 
     def local_params(self):
         return [(n, p.data.view(-1), 0, p.numel()) for n, p in self.model.named_parameters()]
