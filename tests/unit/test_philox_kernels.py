@@ -1,0 +1,136 @@
+"""The fused Triton passes of `zo.noise=philox`, run on CPU tensors by Triton's interpreter.
+
+Skipped where Triton cannot be imported (it is in the `dev` extra). The interpreter costs ~20-200 µs per
+element, so the shards here are small."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import: kernels then run on CPU
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+from tests.unit.test_philox import KAT, assert_restored
+from zofsdp import kernels, philox
+from zofsdp._triton_noise import _words
+from zofsdp.kernels import PhiloxKernels
+from zofsdp.noise import Noise, Shard, mix_seed
+
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
+
+SEED = 11
+
+
+@triton.jit
+def _words_kernel(out, counters, key_lo, key_hi, N: tl.constexpr):
+    i = tl.arange(0, N)
+    w0, w1, w2, w3 = _words(tl.load(counters + i), key_lo, key_hi)
+    tl.store(out + 4 * i, w0.to(tl.int32, bitcast=True))
+    tl.store(out + 4 * i + 1, w1.to(tl.int32, bitcast=True))
+    tl.store(out + 4 * i + 2, w2.to(tl.int32, bitcast=True))
+    tl.store(out + 4 * i + 3, w3.to(tl.int32, bitcast=True))
+
+
+def test_kernel_philox_integers_are_exact():
+    """The kernel's words for counters (n, n >> 32, 0, 0): the reference's, and Random123's first KAT."""
+    counters = torch.tensor([0, 1, 2, 3, 4, 5, 1 << 33, (1 << 40) + 7], dtype=torch.int64)
+    key = mix_seed(1, 2, 3, 4)
+    out = torch.empty(4 * counters.numel(), dtype=torch.int32)
+    _words_kernel[(1,)](out, counters, *philox.split_key(key), N=counters.numel())
+    ref = torch.stack(philox.words(key, counters), dim=1).reshape(-1)
+    assert torch.equal(out.long() & philox.M32, ref)
+    zero = torch.zeros(1, dtype=torch.int64)
+    out = torch.empty(4, dtype=torch.int32)
+    _words_kernel[(1,)](out, zero, 0, 0, N=1)
+    assert tuple(int(w) & philox.M32 for w in out) == KAT[0][2]
+
+
+def z_of(n: int, start: int, block: int, key=(1, 0), group_min: int = kernels.GROUP_MIN) -> torch.Tensor:
+    """z through the kernels: 0 + 1·z of one shard."""
+    shard = Shard("w", torch.zeros(n), start, start + n + 9, 123, True, "layers.0")
+    PhiloxKernels(SEED, block=block, group_min=group_min).restore_update_([shard], key, 0.0, [1.0], [1.0])
+    return shard.data
+
+
+def test_kernel_z_is_the_reference_within_1e_6():
+    n = 5000
+    z = z_of(n, 0, 64)
+    ref = philox.normal(mix_seed(SEED, 1, 0, 123), 0, n)
+    assert float((z - ref).abs().max()) <= 1e-6
+
+
+def test_kernel_z_does_not_depend_on_block_size_or_shard_split():
+    n, cut = 3001, 1234
+    whole = z_of(n, 0, 128)
+    assert torch.equal(z_of(n, 0, 16), whole)
+    assert torch.equal(torch.cat([z_of(cut, 0, 32), z_of(n - cut, cut, 64)]), whole)  # unaligned split
+    assert torch.equal(z_of(n, 0, 32, group_min=1 << 30), whole)  # the grouped kernel
+
+
+def _shards(dtype: torch.dtype) -> list[Shard]:
+    g = torch.Generator().manual_seed(0)
+    sizes = [(900, 5), (40, 0), (3, 2), (130, 61)]  # unaligned starts; two single launches, two grouped
+    return [Shard(f"w{i}", (torch.randn(n, generator=g) * 0.02).to(dtype), start, start + n + 3, 200 + i,
+                  i % 2 == 0, "layers.0") for i, (n, start) in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("dtype, stochastic", [(torch.float32, False), (torch.bfloat16, False),
+                                               (torch.bfloat16, True), (torch.float16, True)])
+def test_fused_passes_match_the_reference(dtype, stochastic):
+    """Perturb, then restore + weighted update + decay, on big (own launch) and small (grouped) shards."""
+    shards = _shards(dtype)
+    expected = [s.data.clone() for s in shards]
+    k = PhiloxKernels(SEED, block=32, group_min=100)
+    updates, decays = [1e-3 * (i + 1) for i in range(4)], [0.99, 1.0, 0.98, 1.0]
+    k.add_(shards, (4, 1), 1e-3)
+    k.restore_update_(shards, (4, 1), -1e-3 if dtype == torch.float32 else 0.0, updates, decays, stochastic)
+    assert k.num_launches == 2 * 3  # per pass: two single launches, one grouped
+    for i, (s, x) in enumerate(zip(shards, expected)):
+        key = mix_seed(SEED, 4, 1, s.block_id)
+        philox.reference_pass(x, s.global_start, key, perturb=1e-3)
+        philox.reference_pass(x, s.global_start, key, restore=-1e-3 if dtype == torch.float32 else 0.0,
+                              update=updates[i], decay=decays[i], stochastic=stochastic)
+        if dtype == torch.float32:  # z may differ by an ulp (numpy vs torch log/cos): so may the update
+            ulp = torch.nextafter(x.abs(), torch.full_like(x, math.inf)) - x.abs()
+            assert ((s.data - x).abs() <= ulp + abs(updates[i]) * 1e-6).all(), s.name  # z within 1e-6
+        else:
+            assert float((s.data != x).float().mean()) < 0.01, s.name  # rare rounding-boundary flips
+
+
+def test_kernels_restore_fp32_like_the_chunked_path():
+    base = torch.randn(6000) * 0.02
+    shard = Shard("w", base.clone(), 0, 6000, 3, True, "layers.0")
+    k = PhiloxKernels(1, block=64)
+    for scale in (1e-3, -2e-3, 1e-3):
+        k.add_([shard], (1, 0), scale)
+    assert_restored(shard.data, base, 1e-3 * philox.normal(mix_seed(1, 1, 0, 3), 0, 6000))
+    chunked = Shard("w", base.clone(), 0, 6000, 3, True, "layers.0")
+    Noise(1, kind="philox", chunk_numel=1024).restore_update_([chunked], (1, 0), 0.0, [1e-2], [0.9])
+    k.restore_update_([shard], (1, 0), 0.0, [1e-2], [0.9])
+    assert float((shard.data - chunked.data).abs().max()) <= 1e-8
+
+
+def test_noise_uses_the_kernels_when_asked(monkeypatch):
+    monkeypatch.setenv("ZOFSDP_PHILOX_KERNELS", "1")
+    noise = Noise(SEED, kind="philox")
+    assert isinstance(noise.kernels, PhiloxKernels)
+    shard = Shard("w", torch.zeros(700), 50, 800, 123, True, "layers.0")
+    assert float((noise.slice(shard, (1, 0)) - philox.normal(mix_seed(SEED, 1, 0, 123), 50, 750)).abs().max()) \
+        <= 1e-6
+    assert noise.kernels.num_launches == 1 and noise.num_chunks_generated == 0
+
+
+def test_launch_plan_groups_small_shards_by_dtype():
+    plan = kernels.plan_launches([10, 1 << 20, 0, 5, 1 << 16, 7],
+                                 [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32,
+                                  torch.float32], group_min=1 << 16)
+    assert plan.single == (1, 4) and plan.groups == ((0, 5), (3,)) and plan.num_launches == 4
+    assert kernels.num_tiles(1024, 0, 256) == 1 and kernels.num_tiles(1024, 1, 256) == 2
+    assert kernels.num_tiles(1, (1 << 40) + 3, 256) == 1
+    assert math.isclose(kernels.num_tiles(10**6, 0, 256), 10**6 / 1024, rel_tol=1e-3)
