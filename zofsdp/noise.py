@@ -102,6 +102,7 @@ def one_thread(device: torch.device):
 # flat index): a counter-based hash, no generator state. The Triton `philox` kernel mirrors this rule.
 
 ROUNDINGS = ("stochastic", "nearest")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 SR_TAG = 0x570C
 """Separates the rounding bits' key from z's key for the same (seed, step, direction, block)."""
 _M32 = 0xFFFFFFFF
@@ -306,8 +307,7 @@ class Noise:
         return pieces
 
     def _run(self, shards: Sequence[Shard], key: tuple[int, ...], apply) -> None:
-        """For every piece: apply(lane, shard index, view of the shard, matching slice of z, global index
-        of the view's first element)."""
+        """For every piece: apply(lane, shard index, view of the shard, matching slice of z)."""
         runs = self._runs(shards)
 
         def work(lane: _Lane, run: list[Piece]) -> None:
@@ -316,7 +316,7 @@ class Noise:
                 z = self._chunk(lane, (*key, shard.block_id), p.chunk, p.length)
                 base = p.chunk * self.chunk_numel
                 view = shard.data[p.lo - shard.global_start : p.hi - shard.global_start]
-                apply(lane, p.shard, view, z[p.lo - base : p.hi - base], p.lo)
+                apply(lane, p.shard, view, z[p.lo - base : p.hi - base])
 
         with one_thread(self.device):
             futures = [self._pool.submit(work, lane, run) for lane, run in zip(self.lanes[1:], runs[1:]) if run]
@@ -341,7 +341,7 @@ class Noise:
         """shard += d(scale·z) in place on every shard: a ZO probe's perturbation (exactly undone by -scale)."""
         if self.kernels is not None:
             return self.kernels.add_(shards, key, scale)
-        self._run(shards, key, lambda lane, _, view, z, lo: view.add_(lane.step(z, scale)))
+        self._run(shards, key, lambda lane, _, view, z: view.add_(lane.step(z, scale)))
 
     def restore_update_(self, shards: Sequence[Shard], key: tuple[int, ...], restore: float,
                         updates: Sequence[float], decays: Sequence[float]) -> None:
@@ -351,14 +351,16 @@ class Noise:
             stochastic = getattr(self, "rounding", "nearest") == "stochastic"
             return self.kernels.restore_update_(shards, key, restore, updates, decays, stochastic)
 
-        if restore and any(s.data.dtype != torch.float32 for s in shards):
+        if restore and any(s.data.dtype in LOW_PRECISION for s in shards):
             raise ValueError("a restore in place needs fp32 shards (low-precision shards are never perturbed)")
 
-        def apply(lane: _Lane, i: int, view: torch.Tensor, z: torch.Tensor, lo: int) -> None:
-            if view.dtype != torch.float32:  # bf16/fp16 storage: fp32 arithmetic, then one rounding
+        def apply(lane: _Lane, i: int, view: torch.Tensor, z: torch.Tensor) -> None:
+            if view.dtype in LOW_PRECISION:  # bf16/fp16 storage: fp32 arithmetic, then one rounding
                 if decays[i] != 1.0 or updates[i]:
+                    shard = shards[i]
+                    lo = shard.global_start + view.storage_offset() - shard.data.storage_offset()  # 1-D views
                     x = view.float().mul_(decays[i]).add_(z, alpha=updates[i])
-                    key_i = sr_key(self.seed, (*key, shards[i].block_id))
+                    key_i = sr_key(self.seed, (*key, shard.block_id))
                     view.copy_(round_to(x, view.dtype, key_i, lo, self.rounding))
                 return
             if restore:

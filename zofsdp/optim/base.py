@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from zofsdp.config import ZOConfig
-from zofsdp.noise import Noise, Shard, default_threads
+from zofsdp.noise import LOW_PRECISION, Noise, Shard, default_threads
 from zofsdp.optim.probe import Probe
 
 LossFn = Callable[[], float]
@@ -25,7 +25,7 @@ class ZOOptimizer:
                  rounding: str = "stochastic"):
         if not shards:
             raise ValueError("no parameters to optimize on this rank")
-        low = sorted({str(s.data.dtype) for s in shards if s.data.dtype != torch.float32})
+        low = sorted({str(s.data.dtype) for s in shards if s.data.dtype in LOW_PRECISION})
         if low and probe is None:
             raise ValueError(f"shards in {', '.join(low)} cannot be perturbed in place (+εz, −2εz, +εz does "
                              "not restore them): build the optimizer with the backend's probe")
