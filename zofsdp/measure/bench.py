@@ -10,6 +10,8 @@ Sections (each runs alone with `--sections NAME ...`):
   convergence  eval accuracy vs forward passes and vs wall time per optimizer, same seeds
                (see zofsdp.measure.convergence).
   scaling      per-rank throughput at 1 and 2 ranks per sharded backend.
+  launches     noise chunk operations vs fused kernel launches per pass and per step, OPT-30B on 8 ranks
+               from the shard layout (see zofsdp.measure.launches).
 
 Timings are compared side by side in one process: every repetition times each contender once, in turn,
 and the figures are medians over repetitions, so slow drifts of a shared machine hit all of them alike.
@@ -40,7 +42,7 @@ from zofsdp.measure.common import (
     wanted,
 )
 
-SECTIONS = ("overhead", "noise", "comm", "convergence", "scaling")
+SECTIONS = ("overhead", "noise", "comm", "convergence", "scaling", "launches")
 REFERENCE = "mezo_reference"
 
 
@@ -223,6 +225,7 @@ def section_noise(args: argparse.Namespace) -> dict:
     lanes = default_threads("cpu")
     gaussian, table = Noise(0, kind="gaussian", threads=lanes), Noise(0, kind="table", threads=lanes)
     gaussian_1 = Noise(0, kind="gaussian")
+    philox = Noise(0, kind="philox", threads=lanes)  # the torch reference: the CPU path of zo.noise=philox
     generator = torch.Generator().manual_seed(0)
 
     def randn_add():
@@ -235,6 +238,7 @@ def section_noise(args: argparse.Namespace) -> dict:
         "ours_gaussian_1_thread": lambda: gaussian_1.add_([shard], (1, 0), 1e-3),
         "ours_gaussian": lambda: gaussian.add_([shard], (1, 0), 1e-3),
         "ours_table": lambda: table.add_([shard], (1, 0), 1e-3),
+        "ours_philox": lambda: philox.add_([shard], (1, 0), 1e-3),
     }
     times, cpu = {name: [] for name in cases}, {name: [] for name in cases}
     for rep in range(args.reps + 1):
@@ -331,6 +335,10 @@ def markdown(results: dict) -> str:
                     lines.append(f"| {backend} | {name} | {b['forward_gathers']:,.0f} | {b['other']:,.0f} | "
                                  f"{b['other_calls']:.0f} |")
         lines.append("")
+    if "launches" in results:
+        from zofsdp.measure.launches import markdown_rows as launch_rows
+
+        lines += launch_rows(results)
     if "convergence" in results:
         from zofsdp.measure.convergence import markdown_rows
 
@@ -361,6 +369,12 @@ def _scaling(args):
     return section_scaling(args)
 
 
+def _launches(args):
+    from zofsdp.measure.launches import section_launches
+
+    return section_launches(args)
+
+
 def _convergence(args):
     from zofsdp.measure.convergence import section_convergence
 
@@ -368,4 +382,4 @@ def _convergence(args):
 
 
 SECTION_RUNNERS = {"overhead": section_overhead, "noise": section_noise, "comm": _comm,
-                   "convergence": _convergence, "scaling": _scaling}
+                   "convergence": _convergence, "scaling": _scaling, "launches": _launches}
