@@ -72,7 +72,9 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     save_model: bool = True
-    """Write the consolidated model (safetensors) to output_dir/model at the end."""
+    """Write the model (safetensors, each rank writing its part) to output_dir/model at the end."""
+    save_dtype: Literal["", "float32", "bfloat16", "float16"] = ""
+    """Dtype of the saved weights; empty = model.dtype (e.g. bfloat16 halves an fp32 run's export)."""
     log_every: int = 1
     dump_state_every: int = 0
     """Write the optimizer's state (block scores, rewards) as JSON every N steps; 0 = never."""
@@ -148,6 +150,9 @@ class ParallelConfig:
     backend: Literal["none", "fsdp2", "deepspeed"] = "none"
     deepspeed_config: str = ""
     """Optional user DeepSpeed JSON whose ZeRO-3 settings are merged into the built one."""
+    timeout_minutes: float = 60.0
+    """Longest wait of a rank in a collective (process-group timeout). NCCL's default, 10 minutes, is shorter
+    than reading or writing a 30B checkpoint on a slow file system."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -169,6 +174,8 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"train.steps must be >= 0, got {cfg.train.steps}")
     if cfg.train.batch_size < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.parallel.timeout_minutes <= 0:
+        raise ValueError(f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}")
     if cfg.zo.eps <= 0:
         raise ValueError(f"zo.eps must be > 0, got {cfg.zo.eps}")
     if cfg.zo.chunk_numel < 1024:

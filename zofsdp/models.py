@@ -136,11 +136,15 @@ def smollm2_path(cfg: ModelConfig) -> Path:
 
 
 def resolve(cfg: ModelConfig) -> Path | str:
-    """A local folder or a hub id for `from_pretrained`."""
+    """A local folder or a hub id for `from_pretrained` (an architecture JSON: that file)."""
     name = cfg.name_or_path
     if name == SMOLLM2:
         return smollm2_path(cfg)
     path = Path(name).expanduser()
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"model.name_or_path: architecture JSON not found: {path}")
+        return path
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"model.name_or_path: GGUF file not found: {path}")
@@ -174,7 +178,11 @@ def tiny_config(kind: str, vocab_size: int):
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    source = smollm2_path(cfg) if cfg.name_or_path in TINY else resolve(cfg)
+    from zofsdp.loading import is_architecture
+
+    # Tiny models and architecture JSONs (random weights) have no tokenizer of their own: SmolLM2's serves.
+    borrowed = cfg.name_or_path in TINY or is_architecture(cfg.name_or_path)
+    source = smollm2_path(cfg) if borrowed else resolve(cfg)
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"  # the answer is scored at the last position
     if tokenizer.pad_token is None:
@@ -186,7 +194,11 @@ def load_model(cfg: ModelConfig, vocab_size: int, device: torch.device | str = "
     """The model in `cfg.dtype`, in eval mode (no dropout: the two ZO forwards must see the same net)."""
     from transformers import AutoModelForCausalLM
 
+    from zofsdp.loading import is_architecture, load_lean
+
     dtype = getattr(torch, cfg.dtype)
+    if is_architecture(cfg.name_or_path):  # random weights (zofsdp.loading.random_fill)
+        return load_lean(cfg, vocab_size, shard=lambda m: m, device=torch.device(device))
     if cfg.name_or_path in TINY:
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same random model on every rank and every run

@@ -206,16 +206,14 @@ def _progress(total: int, enabled: bool):
 
 
 def save_model(session: Session, folder: Path) -> None:
-    """Consolidate the shards (a collective) and write a safetensors folder that from_pretrained loads."""
-    state = session.backend.full_state_dict()
-    if session.backend.rank == 0:
-        from transformers import AutoModelForCausalLM
+    """Write a safetensors folder that from_pretrained loads, every rank writing its files (a collective;
+    no host holds the whole model: zofsdp.saving). Weights in train.save_dtype (default model.dtype)."""
+    from zofsdp.measure.host import MIB, host_peak
+    from zofsdp.saving import save_sharded
 
-        config = session.model.config
-        with torch.device("meta"):
-            shell = AutoModelForCausalLM.from_config(config)  # a plain (unwrapped) class to save from
-        state = {k: v.contiguous() for k, v in state.items()}
-        shell.save_pretrained(folder, state_dict=state)
-        session.tokenizer.save_pretrained(folder)
-        log.info("saved the model to %s", folder)
-    session.backend.barrier()
+    dtype = getattr(torch, session.cfg.train.save_dtype or session.cfg.model.dtype)
+    with host_peak() as peak:
+        save_sharded(session.backend, session.model, folder, dtype, session.tokenizer)
+    log.info("saved the model to %s in %.1f s (%s; rank %d host peak +%.0f MiB)", folder, peak.seconds,
+             session.cfg.train.save_dtype or session.cfg.model.dtype, session.backend.rank,
+             peak.peak_above_baseline / MIB)

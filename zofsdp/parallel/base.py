@@ -6,9 +6,11 @@ and `all_reduce_sum` for scalars. They never import FSDP or DeepSpeed.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from abc import ABC, abstractmethod
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,8 @@ from torch import nn
 from zofsdp.models import param_info
 from zofsdp.noise import Shard, block_id
 
+log = logging.getLogger(__name__)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -24,20 +28,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join (or, for a lone `python` run, create) the process group; returns rank, world size, device."""
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # started by plain python: a one-rank group
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        use_cuda = torch.cuda.is_available()
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, torch.device]:
+    """Join (or, for a lone `python` run, create) the process group; returns rank, world size, device.
+
+    The device is set before the group exists, so that NCCL and the first collectives use this rank's own
+    GPU instead of guessing one (../shared/GPU-PATH.md §4.3). `timeout_minutes` bounds how long any rank waits
+    in a collective: NCCL's default of 10 minutes is shorter than a 30B checkpoint's slowest read or write.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # started by plain python: a one-rank group
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -49,11 +58,27 @@ class Backend(ABC):
     world_size: int = 1
     device: torch.device = torch.device("cpu")
 
+    load_report: dict | None = None
+    """Host memory while the model loaded (zofsdp.measure.host), with this rank's shard and largest tensor."""
+
     def load_model(self, cfg, vocab_size: int) -> nn.Module:
-        """Build the model on this rank (DeepSpeed overrides this to load straight into partitions)."""
+        """Build the model on this rank (FSDP2 and DeepSpeed override this to load straight into shards)."""
         from zofsdp.models import load_model
 
-        return load_model(cfg, vocab_size, device="cpu")
+        return self._measure_load(lambda: load_model(cfg, vocab_size, device="cpu"))
+
+    def _measure_load(self, load) -> nn.Module:
+        """Run `load()` under the host-memory sampler; keep the figures in `load_report` and log them."""
+        from zofsdp.loading import largest_tensor_bytes, shard_bytes
+        from zofsdp.measure.host import MIB, host_peak
+
+        with host_peak() as peak:
+            model = load()
+        self.load_report = {**peak.as_dict(), "shard_bytes": shard_bytes(model),
+                            "largest_tensor_bytes": largest_tensor_bytes(model)}
+        log.info("rank %d loaded the model in %.1f s: host peak +%.0f MiB (anonymous), shard %.0f MiB",
+                 self.rank, peak.seconds, peak.peak_above_baseline / MIB, self.load_report["shard_bytes"] / MIB)
+        return model
 
     @abstractmethod
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -63,9 +88,15 @@ class Backend(ABC):
     def local_params(self) -> list[tuple[str, torch.Tensor, int, int]]:
         """(name, flat local view, global flat start, full numel) per parameter tensor, in model order."""
 
-    @abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The consolidated fp state dict on rank 0 (None elsewhere); a collective."""
+    def full_tensors(self, owners: list[tuple[str, int]]):
+        """For (state-dict key, owner rank) in order: yield (key, whole tensor on the owner, None elsewhere).
+        Every rank must iterate the same list (the gathers are collective). Use each tensor before asking
+        for the next: it may be freed then."""
+        from zofsdp.saving import gather_to
+
+        state = self.model.state_dict(keep_vars=True)
+        for key, owner in owners:
+            yield key, gather_to(state[key], owner, self.rank, self.world_size)
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a small tensor of scalars over ranks (the only traffic a ZO step adds)."""

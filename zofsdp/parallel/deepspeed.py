@@ -28,6 +28,7 @@ from torch import nn
 
 from zofsdp.config import ModelConfig, RunConfig
 from zofsdp.parallel.base import Backend, init_distributed
+from zofsdp.parallel.precision import autocast_forward
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,11 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         "fp16": {"enabled": dtype == "float16"},
         "steps_per_print": 1 << 30,  # the engine never steps; keep its step logging quiet
     }
+    compute = cfg.model.compute_dtype or dtype
+    if compute != dtype:
+        # Mixed: fp32 partitions; DeepSpeed gathers Linear weights (a tied embedding too) in `compute`,
+        # the rest in fp32, and we enter the autocast (forwards call the module, not the engine).
+        ds["torch_autocast"] = {"enabled": True, "dtype": compute}
     path = cfg.parallel.deepspeed_config
     if path:
         user = read_user_config(path)
@@ -171,7 +177,7 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         self.ds_config = deepspeed_config(cfg)  # a config that cannot work fails here, before any collective
-        self.rank, self.world_size, self.device = init_distributed()
+        self.rank, self.world_size, self.device = init_distributed(cfg.parallel.timeout_minutes)
         # Wraps the process group made above (deepspeed's comm layer must know it before initialize).
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    verbose=False)
@@ -180,16 +186,23 @@ class DeepSpeedBackend(Backend):
         from transformers import AutoModelForCausalLM
         from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
+        from zofsdp.loading import architecture_config, is_architecture
         from zofsdp.models import TINY, resolve
 
+        dtype = getattr(torch, cfg.dtype)
         # Built before HfDeepSpeedConfig exists (see below).
-        source = tiny_checkpoint(cfg, vocab_size) if cfg.name_or_path in TINY else resolve(cfg)
+        random_weights = is_architecture(cfg.name_or_path)
+        if random_weights:  # an architecture JSON: random weights, initialised inside zero.Init
+            source = architecture_config(cfg.name_or_path, vocab_size)
+        else:
+            source = tiny_checkpoint(cfg, vocab_size) if cfg.name_or_path in TINY else resolve(cfg)
         # While this object is alive, transformers (which finds it through a weak reference) builds every
-        # model inside deepspeed.zero.Init: from_pretrained then partitions the model as it loads. Drop it
-        # right after, so that later plain models (the meta shell save_model fills) are not partitioned.
+        # model inside deepspeed.zero.Init: from_pretrained then partitions the model as it loads (only
+        # rank 0 reads the checkpoint). Drop it right after, so that later plain models are not partitioned.
         hf_ds_config = HfDeepSpeedConfig(self.ds_config)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, cfg.dtype))
+            build = AutoModelForCausalLM.from_config if random_weights else AutoModelForCausalLM.from_pretrained
+            model = self._measure_load(lambda: build(source, dtype=dtype))
         finally:
             del hf_ds_config
             unset_hf_deepspeed_config()
@@ -207,6 +220,9 @@ class DeepSpeedBackend(Backend):
         engine, *_ = deepspeed.initialize(model=model, config=self.ds_config)
         engine.module.register_forward_hook(self._check_released)
         self.engine = engine  # keeps DeepSpeed's state (hooks, parameter coordinator) alive
+        autocast = self.ds_config.get("torch_autocast", {})
+        if autocast.get("enabled"):  # the engine's forward would enter it; we call the module directly
+            autocast_forward(engine.module, getattr(torch, autocast["dtype"]), self.device)
         # Forwards call the module itself: ZeRO-3's gather/release hooks live on its submodules, and the
         # engine's own forward adds only autocast (refused above) and backward hooks (no backward here).
         # The module also keeps `.config` the Hugging Face config (the engine's is DeepSpeed's).
@@ -234,19 +250,16 @@ class DeepSpeedBackend(Backend):
             out.append((name, partition[:owned], start if owned else 0, p.ds_numel))
         return out
 
-    def full_state_dict(self):
-        """Gather one parameter at a time (every rank takes part); rank 0 keeps a CPU copy."""
+    def full_tensors(self, owners: list[tuple[str, int]]):
+        """Gather one parameter at a time (an all-gather every rank joins, as ZeRO-3's forward does); the
+        owner gets it, and it is released when the caller asks for the next."""
         import deepspeed
 
-        module = self.engine.module
-        copies = {}
-        for p in module.parameters():  # deduplicated: a tied weight is gathered once
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if self.rank == 0:
-                    copies[id(p)] = p.detach().cpu().clone()
-        if self.rank != 0:
-            return None
-        state = {}
-        for key, value in module.state_dict(keep_vars=True).items():
-            state[key] = copies[id(value)] if id(value) in copies else value.detach().cpu().clone()
-        return state
+        state = self.engine.module.state_dict(keep_vars=True)
+        for key, owner in owners:
+            t = state[key]
+            if not hasattr(t, "ds_tensor"):  # a buffer: whole on every rank
+                yield key, t if self.rank == owner else None
+                continue
+            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
+                yield key, t.data if self.rank == owner else None

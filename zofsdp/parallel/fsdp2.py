@@ -6,9 +6,8 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from zofsdp.models import decoder_layers
@@ -25,9 +24,19 @@ class FSDP2Backend(Backend):
 
     def __init__(self, cfg=None) -> None:
         self.store_dtype, self.compute_dtype = dtypes(cfg)
-        self.rank, self.world_size, self.device = init_distributed()
+        timeout = cfg.parallel.timeout_minutes if cfg is not None else 60.0
+        self.rank, self.world_size, self.device = init_distributed(timeout)
+
+    def load_model(self, cfg, vocab_size: int) -> nn.Module:
+        """Lean loading (zofsdp.loading): built on meta, sharded, then each rank reads its own rows; no rank
+        holds the whole model. The returned model is already wrapped (`wrap` passes it through)."""
+        from zofsdp.loading import load_lean
+
+        return self._measure_load(lambda: load_lean(cfg, vocab_size, self.wrap, self.device))
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, FSDPModule):  # sharded while loading (load_model)
+            return model
         self._remember(model)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         # Mixed precision: the shards stay fp32 (updates and exact probes), each is cast to the compute
@@ -55,8 +64,3 @@ class FSDP2Backend(Backend):
             start = offset[0] * math.prod(p.shape[1:]) if local.numel() else 0
             out.append((name, local.view(-1), start, p.numel()))
         return out
-
-    def full_state_dict(self):
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options)
-        return state if self.rank == 0 else None

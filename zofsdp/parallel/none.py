@@ -38,8 +38,5 @@ class NoneBackend(Backend):
     def local_params(self):
         return [(n, p.data.view(-1), 0, p.numel()) for n, p in self.model.named_parameters()]
 
-    def full_state_dict(self):
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-
     def close(self) -> None:
         pass
