@@ -49,7 +49,10 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--simulate", action="store_true", help="fake tensors and a fake process group")
     sim.add_argument("--model", nargs="+", help="model config JSON(s), e.g. configs/models/opt-30b.json")
     sim.add_argument("--world-size", nargs="+", type=int, default=[1], help="one or more world sizes")
-    sim.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    sim.add_argument("--dtype", default="bf16", help="the shards' dtype (model.dtype): bf16, fp16 or fp32")
+    sim.add_argument("--compute-dtype", default="",
+                     help="the forward's dtype (model.compute_dtype); default --dtype. fp32 shards with bf16 "
+                          "compute is the mixed-precision mode")
     sim.add_argument("--batch-size", type=int, default=1, help="global batch (rows), split over ranks")
     return p
 
@@ -231,7 +234,8 @@ def combine(ranks: list[dict], cfg, backend, optimizers: list[str]) -> dict:
     return {
         "mode": "measured",
         "source": "torch.cuda.max_memory_allocated" if cuda else "torch.distributed._tools memory trackers",
-        "model": cfg.model.name_or_path, "dtype": cfg.model.dtype, "backend": backend.name,
+        "model": cfg.model.name_or_path, "dtype": cfg.model.dtype,
+        "compute_dtype": cfg.model.compute_dtype or cfg.model.dtype, "backend": backend.name,
         "world_size": backend.world_size, "device": str(backend.device), "optimizer": optimizers[0],
         "per_rank_peak_bytes": head["per_rank_peak_bytes"], "ratio": head["ratio"],
         "breakdown": {"inference": ranks[0]["inference"]["breakdown"],
@@ -283,8 +287,11 @@ def simulate_reports(args) -> list[dict]:
     reports = []
     for model in args.model:
         for ws in args.world_size:
-            result = simulate(model, ws, args.dtype, seq_len, args.batch_size, optimizers)
-            reports.append(simulated_report(result, model, ws, args.dtype, seq_len, args.batch_size))
+            result = simulate(model, ws, args.dtype, seq_len, args.batch_size, optimizers,
+                              compute_dtype=args.compute_dtype)
+            report = simulated_report(result, model, ws, args.dtype, seq_len, args.batch_size)
+            report["compute_dtype"] = args.compute_dtype or args.dtype
+            reports.append(report)
     return reports
 
 
@@ -313,7 +320,8 @@ def simulated_report(result: dict, model: str, ws: int, dtype: str, seq_len: int
 
 def simulated_table(reports: list[dict]) -> str:
     first = reports[0]
-    lines = [f"Simulated per-rank peak (rank 0), {first['dtype']}, {first['batch_size']} x {first['seq_len']} "
+    lines = [f"Simulated per-rank peak (rank 0), {first['dtype']} shards, {first['compute_dtype']} compute, "
+             f"{first['batch_size']} x {first['seq_len']} "
              "tokens; GiB. AdamW and ZeRO-3 columns are analytic.",
              "| model | ranks | inference | " + " | ".join(f"{n} step" for n in first["optimizers"])
              + " | ratio | hand calc | ZeRO-3 ZO (analytic) | AdamW full FT (analytic) |",

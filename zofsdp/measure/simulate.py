@@ -92,21 +92,25 @@ def _sampled_plan(noise: Noise):
     return plan
 
 
-def _backend(world_size: int):
-    """The real backend classes, with rank and device set by hand (no real process group to join)."""
+def _backend(world_size: int, store: torch.dtype, compute: torch.dtype):
+    """The real backend classes, with rank, device and precision set by hand (no process group to join)."""
     from zofsdp.parallel.fsdp2 import FSDP2Backend
     from zofsdp.parallel.none import NoneBackend
 
     if world_size == 1:
-        return NoneBackend()
-    backend = FSDP2Backend.__new__(FSDP2Backend)  # __init__ would join a real process group
-    backend.rank, backend.world_size, backend.device = 0, world_size, torch.device("cpu")
+        backend = NoneBackend()
+    else:
+        backend = FSDP2Backend.__new__(FSDP2Backend)  # __init__ would join a real process group
+        backend.rank, backend.world_size, backend.device = 0, world_size, torch.device("cpu")
+    backend.store_dtype, backend.compute_dtype = store, compute
     return backend
 
 
 def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_len: int = 256,
-             batch_size: int = 1, optimizers: list[str] | None = None, zo_cfg=None) -> dict:
-    """Per-rank (rank 0) peak bytes of inference and of each ZO optimizer's step, plus analytic references."""
+             batch_size: int = 1, optimizers: list[str] | None = None, zo_cfg=None, compute_dtype: str = "") -> dict:
+    """Per-rank (rank 0) peak bytes of inference and of each ZO optimizer's step, plus analytic references.
+    `dtype` is the shards' (model.dtype), `compute_dtype` the forward's ("" = the same: see
+    zofsdp.parallel.precision for the modes)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
@@ -114,8 +118,12 @@ def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_l
     from zofsdp.optim import OPTIMIZERS
     from zofsdp.train import local_rows
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype not in DTYPES or (compute_dtype and compute_dtype not in DTYPES):
+        raise ValueError(f"--dtype and --compute-dtype must be one of {', '.join(DTYPES)}; got {dtype!r}, "
+                         f"{compute_dtype!r}")
+    store, compute = DTYPES[dtype], DTYPES[compute_dtype or dtype]
+    if compute != store and store != torch.float32:
+        raise ValueError("only fp32 shards can compute in another dtype (mixed precision)")
     config = load_model_config(model_json)
     optimizers = list(OPTIMIZERS) if optimizers is None else optimizers
     # One noise lane, as on a GPU: the figures must not depend on the simulating machine's cores.
@@ -127,7 +135,7 @@ def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_l
     model.requires_grad_(False).eval()
     model.config.use_cache = False
     with fake_process_group(world_size):
-        backend = _backend(world_size)
+        backend = _backend(world_size, store, compute)
         if world_size > 1:
             model = backend.wrap(model)  # on meta, outside fake mode (the device mesh needs real ops)
         # Parameters are fake; the optimizers' own small state stays real (they may read its values).
@@ -138,6 +146,7 @@ def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_l
             if world_size == 1:  # NoneBackend.wrap minus its `.to(device)`, which fake parameters refuse
                 backend._remember(model)
                 backend.model = model
+                backend.apply_precision(model)
         result = _measure(model, backend, fake_mode, config.vocab_size, rows, seq_len, optimizers, base_cfg)
     result.update(stats=model_stats(config), rows_per_rank=rows)
     return result
@@ -167,8 +176,8 @@ def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int
     for name in optimizers:
         cfg = dataclasses.replace(base_cfg, optimizer=name)
 
-        def build():
-            opt = build_optimizer(cfg, shards, 0, "cpu", blocks=blocks)
+        def build(cfg=cfg):
+            opt = build_optimizer(cfg, shards, 0, "cpu", blocks=blocks, probe=backend.probe)
             opt.noise.plan = _sampled_plan(opt.noise)
             return opt
 
