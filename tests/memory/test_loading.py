@@ -84,3 +84,14 @@ def test_plain_load_breaks_the_bound(tmp_path, checkpoint):
     """Proof that the check can fail: every rank from_pretrained()s the whole model, then shards it."""
     ranks = run_checks(tmp_path, "fsdp2", "plain", checkpoint, "bfloat16", save=False)
     assert all(over_bound(r) > 0 for r in ranks), [r["load"] for r in ranks]
+
+
+def test_load_estimate_for_opt30b_on_8_ranks():
+    """The simulator's load figures are arithmetic on the architecture: check them against a hand count."""
+    from zofsdp.loading import load_estimate
+
+    est = load_estimate(ROOT / "configs/models/opt-30b.json", 8, torch.bfloat16)
+    assert est["checkpoint_dtype"] == "float16"  # the hub checkpoint's dtype, from the JSON
+    assert est["lean_gpu"] == -(-50272 // 8) * 7168 * 2  # its rows of the embedding, the largest tensor
+    assert est["plain"] == 29_974_540_288 * 2  # the whole model in bf16 on every rank
+    assert est["lean_cpu"] < est["plain"] / 7  # one eighth of it, plus one slice

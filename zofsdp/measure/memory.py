@@ -189,6 +189,7 @@ def _measure_rank(session, optimizers: list[str], num_steps: int, seq_len: int) 
         if cuda:
             out["cuda_max_allocated_bytes"][name] = torch.cuda.max_memory_allocated()
     out["rss_bytes"]["max_rss_process"] = _max_rss()
+    out["load"] = backend.load_report  # host memory while the model loaded (zofsdp.measure.host)
     return out
 
 
@@ -260,6 +261,11 @@ def measured_table(report: dict) -> str:
             cats = "  ".join(_fmt(o["zo_step"]["breakdown"][c]) for c in CATEGORIES)
             lines.append(f"{r['rank']:>4}  {name:<10}  {_fmt(r['inference']['total']):>12}  "
                          f"{_fmt(o['zo_step']['total']):>12}  {o['ratio']:.4f}  {growth:>10.0f} B  {cats}")
+        if r.get("load"):
+            load = r["load"]
+            lines.append(f"      host peak while loading: +{_fmt(load['peak_anon_above_baseline'])} anonymous "
+                         f"(measured; shard {_fmt(load['shard_bytes'])}, largest tensor "
+                         f"{_fmt(load['largest_tensor_bytes'])}, {load['seconds']:.1f} s)")
         rss = r["rss_bytes"]
         lines.append(f"      RSS cross-check: {_fmt(rss['after_inference'])} after inference, "
                      f"{_fmt(rss['max_rss_process'])} process maximum (includes the Python runtime, "
@@ -295,6 +301,13 @@ def simulate_reports(args) -> list[dict]:
     return reports
 
 
+def load_estimate(model_json: str, world_size: int, dtype: str) -> dict:
+    from zofsdp.loading import load_estimate as estimate
+    from zofsdp.measure.simulate import DTYPES
+
+    return estimate(model_json, world_size, DTYPES[dtype])
+
+
 def simulated_report(result: dict, model: str, ws: int, dtype: str, seq_len: int, batch_size: int) -> dict:
     from zofsdp.measure.simulate import DTYPES, LEFT_OUT, adamw_full_finetune, hand_inference, zero3_zo
 
@@ -315,6 +328,7 @@ def simulated_report(result: dict, model: str, ws: int, dtype: str, seq_len: int
         "adamw_full_finetune_analytic": adamw_full_finetune(stats, ws, rows, seq_len),
         "zero3_zo_step_analytic": zero3_zo(stats, ws, bytes_per, inference.breakdown["activations"]),
         "left_out": LEFT_OUT,
+        "host_load_estimate": load_estimate(model, ws, dtype),
     }
 
 
@@ -334,6 +348,11 @@ def simulated_table(reports: list[dict]) -> str:
                      f"{r['zero3_zo_step_analytic']['total'] / GIB:.2f} | "
                      f"{r['adamw_full_finetune_analytic']['total'] / GIB:.1f} |")
     lines.append(f"Left out of the simulation: {first['left_out']}.")
+    lines.append("Host memory per rank while loading (estimate, zofsdp.loading.load_estimate): "
+                 + "; ".join(f"{r['model']}/{r['world_size']}: lean "
+                             f"{r['host_load_estimate']['lean_gpu'] / GIB:.2f} GiB on GPU runs "
+                             f"({r['host_load_estimate']['lean_cpu'] / GIB:.2f} on CPU), plain from_pretrained "
+                             f"{r['host_load_estimate']['plain'] / GIB:.1f}" for r in reports))
     return "\n".join(lines)
 
 
