@@ -55,7 +55,10 @@ def plan_launches(numels: Sequence[int], dtypes: Sequence[torch.dtype], group_mi
             single.append(i)
         else:
             grouped.setdefault(dtype, []).append(i)
-    return LaunchPlan(tuple(single), tuple(tuple(g) for g in grouped.values()))
+    # A group of one is launched alone: same count, no tables (probes pass one gathered tensor at a time).
+    single += [g[0] for g in grouped.values() if len(g) == 1]
+    groups = tuple(tuple(g) for g in grouped.values() if len(g) > 1)
+    return LaunchPlan(tuple(sorted(single)), groups)
 
 
 def num_tiles(numel: int, start: int, block: int = BLOCK) -> int:

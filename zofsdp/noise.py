@@ -347,12 +347,11 @@ class Noise:
                         updates: Sequence[float], decays: Sequence[float]) -> None:
         """One pass: shard += d(restore·z) (undoes a probe), then shard <- decays[i]·shard + updates[i]·z
         (the optimizer step, weight decay included), per shard i."""
-        if self.kernels is not None:  # one fused launch per shard; same rounding rule (philox.reference_pass)
-            stochastic = getattr(self, "rounding", "nearest") == "stochastic"
-            return self.kernels.restore_update_(shards, key, restore, updates, decays, stochastic)
-
         if restore and any(s.data.dtype in LOW_PRECISION for s in shards):
             raise ValueError("a restore in place needs fp32 shards (low-precision shards are never perturbed)")
+        if self.kernels is not None:  # one fused launch per shard; same rounding rules (philox.reference_pass)
+            stochastic = self.rounding == "stochastic"
+            return self.kernels.restore_update_(shards, key, restore, updates, decays, stochastic)
 
         def apply(lane: _Lane, i: int, view: torch.Tensor, z: torch.Tensor) -> None:
             if view.dtype in LOW_PRECISION:  # bf16/fp16 storage: fp32 arithmetic, then one rounding

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -63,3 +64,13 @@ def test_counts_follow_the_layout(tmp_path):
 def test_measured_chunk_draws_equal_the_plan():
     got = measured_tiny(chunk_numel=4096)
     assert got["chunk_draws_per_step"] == got["chunked"]["chunk_ops_per_step"] > 0
+
+
+def test_launch_plan_groups_small_shards_by_dtype():
+    plan = kernels.plan_launches([10, 1 << 20, 0, 5, 1 << 16, 7],
+                                 [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32,
+                                  torch.float32], group_min=1 << 16)
+    assert plan.single == (1, 3, 4) and plan.groups == ((0, 5),) and plan.num_launches == 4  # 3: alone in bf16
+    assert kernels.num_tiles(1024, 0, 256) == 1 and kernels.num_tiles(1024, 1, 256) == 2
+    assert kernels.num_tiles(1, (1 << 40) + 3, 256) == 1
+    assert math.isclose(kernels.num_tiles(10**6, 0, 256), 10**6 / 1024, rel_tol=1e-3)

@@ -124,13 +124,3 @@ def test_noise_uses_the_kernels_when_asked(monkeypatch):
     assert float((noise.slice(shard, (1, 0)) - philox.normal(mix_seed(SEED, 1, 0, 123), 50, 750)).abs().max()) \
         <= 1e-6
     assert noise.kernels.num_launches == 1 and noise.num_chunks_generated == 0
-
-
-def test_launch_plan_groups_small_shards_by_dtype():
-    plan = kernels.plan_launches([10, 1 << 20, 0, 5, 1 << 16, 7],
-                                 [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float32,
-                                  torch.float32], group_min=1 << 16)
-    assert plan.single == (1, 4) and plan.groups == ((0, 5), (3,)) and plan.num_launches == 4
-    assert kernels.num_tiles(1024, 0, 256) == 1 and kernels.num_tiles(1024, 1, 256) == 2
-    assert kernels.num_tiles(1, (1 << 40) + 3, 256) == 1
-    assert math.isclose(kernels.num_tiles(10**6, 0, 256), 10**6 / 1024, rel_tol=1e-3)
