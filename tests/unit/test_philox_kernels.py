@@ -124,3 +124,16 @@ def test_noise_uses_the_kernels_when_asked(monkeypatch):
     assert float((noise.slice(shard, (1, 0)) - philox.normal(mix_seed(SEED, 1, 0, 123), 50, 750)).abs().max()) \
         <= 1e-6
     assert noise.kernels.num_launches == 1 and noise.num_chunks_generated == 0
+
+
+def test_bf16_update_matches_the_chunked_path_with_stochastic_rounding():
+    """Kernel vs Noise's chunked path (issue 10's noise.round_to) on a bf16 shard: the same rounding bits,
+    so only the rare element whose fp32 value moved across a rounding point by z's last-ulp differs."""
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(5000, generator=g) * 0.02).bfloat16()
+    chunked = Shard("w", base.clone(), 333, 9000, 5, True, "layers.0")
+    fused = Shard("w", base.clone(), 333, 9000, 5, True, "layers.0")
+    Noise(2, kind="philox", chunk_numel=1024).restore_update_([chunked], (6, 0), 0.0, [1e-4], [0.999])
+    PhiloxKernels(2, block=64).restore_update_([fused], (6, 0), 0.0, [1e-4], [0.999], stochastic=True)
+    assert not torch.equal(fused.data, base)
+    assert float((fused.data != chunked.data).float().mean()) < 0.005
