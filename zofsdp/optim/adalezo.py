@@ -112,3 +112,10 @@ class AdaLeZO(ZOOptimizer):
 
     def state_dict(self) -> dict:
         return {"optimizer": "adalezo", "k": self.bandit.k, "arms": self.bandit.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to the rewards and draw counts of `state_dict` (a checkpoint); probabilities follow from them."""
+        arms = self.check_state(state, "arms", self.bandit.units.names)
+        names = self.bandit.units.names
+        self.bandit.rewards = torch.tensor([arms[n]["reward"] for n in names], dtype=torch.float64)
+        self.bandit.num_drawn = torch.tensor([arms[n]["num_drawn"] for n in names], dtype=torch.int64)

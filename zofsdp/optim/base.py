@@ -80,3 +80,21 @@ class ZOOptimizer:
     def state_dict(self) -> dict:
         """Optimizer state beyond the parameters (scores, rewards); empty for MeZO."""
         return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned (checkpoints); MeZO has nothing to restore."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds "
+                             f"{state.get('optimizer', 'another optimizer')}'s")
+
+    def check_state(self, state: dict, section: str, names: list[str]) -> dict:
+        """`state[section]` after checking it is this optimizer's, over the same blocks in the same order."""
+        mine = type(self).__name__.lower()
+        if state.get("optimizer") != mine:
+            raise ValueError(f"the checkpoint's optimizer state is {state.get('optimizer') or 'MeZO'}'s, "
+                             f"not {mine}'s: resume with the zo.optimizer that wrote it")
+        saved = list(state[section])
+        if saved != names:
+            raise ValueError(f"the checkpoint's {mine} blocks differ from this model's ({len(saved)} vs "
+                             f"{len(names)}; granularity or model changed)")
+        return state[section]

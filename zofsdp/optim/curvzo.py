@@ -122,6 +122,16 @@ class CurvZO(ZOOptimizer):
         """Per block: normalised score, keep probability for the next step, times kept; and the budget."""
         scores, probs = self.scores().tolist(), self.keep_probs().tolist()
         kept = self.num_kept.tolist()
-        blocks = {name: {"score": s, "keep_prob": p, "num_kept": k}
-                  for name, s, p, k in zip(self.units.names, scores, probs, kept)}
+        raw = self.second_moment.tolist()  # F_b itself: what a checkpoint must restore (scores are F/ΣF)
+        blocks = {name: {"score": s, "keep_prob": p, "num_kept": k, "second_moment": f}
+                  for name, s, p, k, f in zip(self.units.names, scores, probs, kept, raw)}
         return {"optimizer": "curvzo", "budget": self.budget, "blocks": blocks}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Back to the state `state_dict` described (a checkpoint): F_b, times kept and the budget, exactly
+        (JSON keeps every bit of a float64)."""
+        blocks = self.check_state(state, "blocks", self.units.names)
+        self.second_moment = torch.tensor([blocks[n]["second_moment"] for n in self.units.names],
+                                          dtype=torch.float64)
+        self.num_kept = torch.tensor([blocks[n]["num_kept"] for n in self.units.names], dtype=torch.int64)
+        self.budget = float(state["budget"])
