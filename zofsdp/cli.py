@@ -14,11 +14,12 @@ import sys
 from zofsdp.config import load_config
 
 # Commands with their own argument parsers, in their own modules.
-SUBPROGRAMS = {"memory": "zofsdp.measure.memory", "bench": "zofsdp.measure.bench"}
+SUBPROGRAMS = {"memory": "zofsdp.measure.memory", "bench": "zofsdp.measure.bench", "replay": "zofsdp.replay"}
 COMMANDS = {"train": "fine-tune with a ZO optimizer",
             "eval": "accuracy of a model (base or saved run) on the held-out split",
             "memory": "peak memory of a ZO step against inference, measured or simulated",
-            "bench": "step overhead, noise throughput, traffic, convergence"}
+            "bench": "step overhead, noise throughput, traffic, convergence",
+            "replay": "rebuild a run's weights from the base model and its seed log (no forward pass)"}
 
 
 def versions() -> dict[str, str]:

@@ -78,6 +78,14 @@ class TrainConfig:
     log_every: int = 1
     dump_state_every: int = 0
     """Write the optimizer's state (block scores, rewards) as JSON every N steps; 0 = never."""
+    checkpoint_every: int = 0
+    """Write a sharded checkpoint (output_dir/checkpoints, each rank its own shards) every N steps and at the
+    end; 0 = only when SIGTERM or SIGUSR1 asks the run to stop (docs/checkpointing.md)."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep; older ones are deleted once a new one is complete."""
+    resume: str = ""
+    """`auto`: go on from the newest complete checkpoint in output_dir (a fresh start if there is none);
+    a checkpoint folder or another run's output_dir: go on from there; empty: start fresh."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -174,6 +182,9 @@ def check(cfg: RunConfig) -> None:
         raise ValueError(f"train.steps must be >= 0, got {cfg.train.steps}")
     if cfg.train.batch_size < 1:
         raise ValueError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if cfg.train.checkpoint_every < 0 or cfg.train.keep_checkpoints < 1:
+        raise ValueError(f"train.checkpoint_every must be >= 0 and train.keep_checkpoints >= 1, got "
+                         f"{cfg.train.checkpoint_every} and {cfg.train.keep_checkpoints}")
     if cfg.parallel.timeout_minutes <= 0:
         raise ValueError(f"parallel.timeout_minutes must be > 0, got {cfg.parallel.timeout_minutes}")
     if cfg.zo.eps <= 0:

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from zofsdp import checkpoint, seedlog
 from zofsdp.config import RunConfig, save_config
 from zofsdp.metrics import MetricsLog, setup_logging
 from zofsdp.models import load_tokenizer
 from zofsdp.optim import build_optimizer
 from zofsdp.parallel import Backend, build_backend
 from zofsdp.scoring import Batch, encode, loss_and_correct
+from zofsdp.seedlog import SeedLogWriter
 from zofsdp.tasks import Example, Splits, get_task, sample_splits
 
 log = logging.getLogger("zofsdp")
@@ -97,17 +99,19 @@ def evaluate(session: Session, examples: list[Example]) -> dict:
     return {"eval_accuracy": total_correct / n, "eval_loss": total_loss / n, "eval_examples": len(examples)}
 
 
-def batches(examples: list[Example], batch_size: int, seed: int):
-    """Endless shuffled batches, reshuffled every epoch from the seed (the same on every rank)."""
-    epoch = 0
+def batches(examples: list[Example], batch_size: int, seed: int, skip: int = 0):
+    """Endless shuffled batches, reshuffled every epoch from the seed (the same on every rank).
+    `skip`: start after that many batches (a resumed run), without drawing them."""
+    per_epoch = max(len(examples) // batch_size, 1)
+    epoch, skip = divmod(skip, per_epoch)
     while True:
         order = list(range(len(examples)))
         random.Random(seed * 1000003 + epoch).shuffle(order)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
+        for start in range(skip * batch_size, len(order) - batch_size + 1, batch_size):
             yield [examples[i] for i in order[start : start + batch_size]]
         if len(order) < batch_size:
             yield [examples[i] for i in order]
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 def held_out(session: Session) -> list[Example]:
@@ -118,44 +122,44 @@ def train(cfg: RunConfig) -> dict:
     """Fine-tune; returns the last evaluation. Writes config.yaml, metrics.jsonl and model/ on rank 0."""
     session = setup(cfg)
     try:
-        return _train_loop(session)
+        with checkpoint.StopSignal() as stop:  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit
+            return _train_loop(session, stop)
     finally:
         session.backend.close()
 
 
-def _train_loop(session: Session) -> dict:
+def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
     cfg, backend = session.cfg, session.backend
     out = Path(cfg.train.output_dir)
     is_main = backend.rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml", header=f"written by {version_line()}")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl" if is_main else None)
     optimizer = build_optimizer(cfg.zo, backend.shards(), cfg.train.seed, backend.device,
                                 blocks=backend.blocks(), probe=getattr(backend, "probe", None),
                                 rounding=cfg.model.update_rounding)
-    data = batches(session.splits.train, cfg.train.batch_size, cfg.train.seed)
+    resumed = checkpoint.resume(session, optimizer)  # None: a fresh start
+    state = resumed or checkpoint.TrainerState()
+    metrics, seeds = _open_logs(session, optimizer, fresh=resumed is None)
+    data = batches(session.splits.train, cfg.train.batch_size, cfg.train.seed, skip=state.step)
 
-    result = _evaluate_and_log(session, metrics, step=0)
-    totals = {"forward_passes": 0, "tokens": 0, "wall_s": 0.0, "forward_s": 0.0, "skipped_steps": 0}
-    skips_in_a_row = 0
-    progress = _progress(cfg.train.steps, is_main)
-    for step in range(1, cfg.train.steps + 1):
+    result = state.last_eval if resumed else _evaluate_and_log(session, metrics, step=0)
+    totals, skips_in_a_row = state.totals, state.skips_in_a_row
+    progress = _progress(cfg.train.steps, is_main, initial=state.step)
+    for step in range(state.step + 1, cfg.train.steps + 1):
         batch = encode(session.tokenizer, next(data), cfg.model.max_length)
-        forward_s = [0.0]
+        forward_s, losses = [0.0], []
 
         def loss_fn() -> float:
             start = time.perf_counter()
             loss, _ = global_loss(session, batch)
             forward_s[0] += time.perf_counter() - start
             totals["tokens"] += batch.num_tokens
+            losses.append(loss)  # the seed log: these floats and the seed determine the step
             return loss
 
         start = time.perf_counter()
         with torch.no_grad():
             record = optimizer.step(loss_fn, step)
         step_s = time.perf_counter() - start
+        seeds.append(step, losses)
         skipped = bool(record.pop("skipped", False))
         skips_in_a_row = skips_in_a_row + 1 if skipped else 0
         totals["skipped_steps"] += skipped
@@ -175,12 +179,22 @@ def _train_loop(session: Session) -> dict:
             _dump_state(optimizer, out / "optimizer_state" / f"step_{step:06d}.json")
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             result = _evaluate_and_log(session, metrics, step)
+        stopping = stop.requested(backend)  # every rank stops after the same step
+        if stopping or checkpoint.due(cfg, step):
+            path = checkpoint.save(session, optimizer, checkpoint.TrainerState(step, totals, skips_in_a_row, result))
+            if stopping:
+                progress.close()
+                raise stop.exit(step, path)
     progress.close()
     if cfg.train.steps:
         result = _evaluate_and_log(session, metrics, cfg.train.steps)
+    if cfg.train.checkpoint_every and state.step < cfg.train.steps:
+        state = checkpoint.TrainerState(cfg.train.steps, totals, skips_in_a_row, result)
+        checkpoint.save(session, optimizer, state)
     if cfg.train.save_model:
         save_model(session, out / "model")
     metrics.close()
+    seeds.close()
     return result
 
 
@@ -201,8 +215,24 @@ def _dump_state(optimizer, path: Path) -> None:
     path.write_text(json.dumps(optimizer.state_dict(), indent=1))
 
 
-def _progress(total: int, enabled: bool):
-    return tqdm(total=total, disable=not enabled, desc="train", dynamic_ncols=True, mininterval=1.0)
+def _progress(total: int, enabled: bool, initial: int = 0):
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True,
+                mininterval=1.0)
+
+
+def _open_logs(session: Session, optimizer, fresh: bool) -> tuple[MetricsLog, SeedLogWriter]:
+    """Rank 0's config.yaml, metrics.jsonl and seed log: new, or (resumed) the checkpoint's copies continued."""
+    cfg, out = session.cfg, Path(session.cfg.train.output_dir)
+    if session.backend.rank != 0:
+        return MetricsLog(None), SeedLogWriter(None)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml", header=f"written by {version_line()}")
+    if fresh:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    header = None
+    if fresh or not (out / seedlog.FILE).is_file():
+        header = seedlog.header(cfg, optimizer.noise.kind, checkpoint.model_signature(session.model))
+    return MetricsLog(out / "metrics.jsonl"), SeedLogWriter(out / seedlog.FILE, header)
 
 
 def save_model(session: Session, folder: Path) -> None:
