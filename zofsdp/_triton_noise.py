@@ -49,7 +49,7 @@ def _words(counter, key_lo, key_hi):
 def _box_muller(w_r, w_t):
     u1 = ((w_r >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24, exact
     u2 = (w_t >> 8).to(tl.float32) * 5.9604644775390625e-08
-    r = tl.sqrt(tl.log(u1) * -2.0)
+    r = tl.sqrt_rn(tl.log(u1) * -2.0)  # correctly rounded, as torch.sqrt (tl.sqrt is sqrt.approx on CUDA)
     theta = u2 * 6.283185307179586
     return r * tl.cos(theta), r * tl.sin(theta)
 
