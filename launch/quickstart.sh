@@ -8,7 +8,8 @@ source .venv/bin/activate
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-lo} TOKENIZERS_PARALLELISM=false
 OUT=runs/quickstart
 for arg in "$@"; do case $arg in train.output_dir=*) OUT=${arg#*=} ;; esac; done
-torchrun --standalone --nproc_per_node 2 -m zofsdp train -c configs/quickstart.yaml train.output_dir="$OUT" "$@"
+torchrun --standalone --nproc_per_node 2 -m zofsdp train -c configs/quickstart.yaml train.output_dir="$OUT" \
+  train.overwrite=true "$@"  # a demo: running it again replaces the last one
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]

@@ -7,11 +7,14 @@ command has its own parser and they are parsed intermixed.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
+import os
 import sys
 
 from zofsdp.config import load_config
+from zofsdp.errors import UserError
 
 # Commands with their own argument parsers, in their own modules.
 SUBPROGRAMS = {"memory": "zofsdp.measure.memory", "bench": "zofsdp.measure.bench", "replay": "zofsdp.replay"}
@@ -81,14 +84,37 @@ def main(argv: list[str] | None = None) -> int:
         top_parser().parse_args(argv)  # prints usage, --help or --version, and exits
         return 2
     command, rest = argv[0], argv[1:]
+    try:
+        return run(command, rest)
+    except UserError as err:
+        return report_user_error(str(err))
+    except OSError as err:
+        if err.errno not in USER_OS_ERRORS:
+            raise
+        return report_user_error(f"{err.strerror}: {err.filename or err}")
+
+
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
+"""A full disk, a quota, a folder you may not write: the user's to fix, so one line, no traceback."""
+
+
+def report_user_error(message: str) -> int:
+    """One line per rank (`ZOFSDP_TRACEBACK=1` re-raises for the full traceback instead)."""
+    if os.environ.get("ZOFSDP_TRACEBACK"):
+        raise
+    rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    print(f"zofsdp: error{rank}: {message}", file=sys.stderr)
+    return 2
+
+
+def run(command: str, rest: list[str]) -> int:
     if command in SUBPROGRAMS:
         return importlib.import_module(SUBPROGRAMS[command]).main(rest)
     args = command_parser(command).parse_intermixed_args(rest)
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"zofsdp: config error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as err:  # every config mistake: the message names the key
+        raise UserError(f"config: {err}") from err
     if command == "train":
         from zofsdp.train import train
 

@@ -71,6 +71,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     seed: int = 0
     output_dir: str = "runs/default"
+    overwrite: bool = False
+    """Replace a finished run (output_dir/model) in output_dir; without it such a folder is refused."""
     save_model: bool = True
     """Write the model (safetensors, each rank writing its part) to output_dir/model at the end."""
     save_dtype: Literal["", "float32", "bfloat16", "float16"] = ""

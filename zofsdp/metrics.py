@@ -14,8 +14,10 @@ def setup_logging(rank: int) -> None:
     level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format=f"[%(asctime)s r{rank}] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr, force=True)
-    for noisy in ("transformers", "datasets", "httpx", "huggingface_hub", "DeepSpeed"):
+    for noisy in ("transformers", "httpx", "huggingface_hub", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # datasets logs a traceback for a file it cannot parse; zofsdp.tasks turns that into one clear error.
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 def _clean(value):

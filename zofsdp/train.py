@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from zofsdp import checkpoint, seedlog
 from zofsdp.config import RunConfig, save_config
+from zofsdp.errors import UserError
 from zofsdp.metrics import MetricsLog, setup_logging
 from zofsdp.models import load_tokenizer
 from zofsdp.optim import build_optimizer
@@ -38,17 +40,29 @@ class Session:
     splits: Splits
 
 
-def setup(cfg: RunConfig, with_data: bool = True) -> Session:
-    """Process group, tokenizer, data, model (loaded then wrapped by the backend)."""
+def setup(cfg: RunConfig, with_data: bool = True, output_dir: Path | None = None) -> Session:
+    """Process group, tokenizer, data, model (loaded then wrapped by the backend). With `output_dir`, that
+    folder is checked first (writable, no finished run in it), before minutes of loading. On any failure
+    the process group is closed again, so a caller (or a test) can go on."""
     backend = build_backend(cfg.parallel.backend, cfg=cfg)
+    try:
+        return _build_session(cfg, backend, with_data, output_dir)
+    except BaseException:
+        backend.close()
+        raise
+
+
+def _build_session(cfg: RunConfig, backend: Backend, with_data: bool, output_dir: Path | None) -> Session:
     setup_logging(backend.rank)
     log.info("%s; %s backend, %d rank(s) on %s", version_line(), backend.name, backend.world_size,
              backend.device)
     if backend.name == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("parallel.backend=none runs one process; use fsdp2 or deepspeed under torchrun")
+        raise UserError("parallel.backend=none runs one process; use fsdp2 or deepspeed under torchrun")
     if cfg.train.batch_size < backend.world_size:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size "
-                         f"{backend.world_size}: every rank needs at least one row")
+        raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size "
+                        f"{backend.world_size}: every rank needs at least one row")
+    if output_dir is not None:
+        check_output_dir(cfg, backend, output_dir)
     task = get_task(cfg.data.task)  # fail fast on a bad task name, before loading a model
     splits = Splits([], [], [])
     if with_data:
@@ -56,9 +70,44 @@ def setup(cfg: RunConfig, with_data: bool = True) -> Session:
         splits = sample_splits(task, d.dir, d.num_train, d.num_dev, d.num_eval, cfg.train.seed)
         log.info("%s: %d train, %d dev, %d eval examples from %s", task.name, len(splits.train),
                  len(splits.dev), len(splits.eval), d.dir or "the hub")
-    tokenizer = load_tokenizer(cfg.model)
-    model = backend.wrap(backend.load_model(cfg.model, len(tokenizer)))
-    return Session(cfg, backend, tokenizer, model, splits)
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        model = backend.load_model(cfg.model, len(tokenizer))
+    except UserError:
+        raise
+    except (OSError, ValueError, SafetensorError) as err:  # unreadable or corrupt model files
+        raise UserError(f"model.name_or_path={cfg.model.name_or_path}: cannot load the model "
+                        f"({type(err).__name__}: {_first_line(err)})") from err
+    return Session(cfg, backend, tokenizer, backend.wrap(model), splits)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else repr(err)
+
+
+def check_output_dir(cfg: RunConfig, backend: Backend, out: Path) -> None:
+    """Rank 0 makes sure `out` is writable and holds no finished run (unless train.overwrite); every rank
+    learns the verdict through one all-reduce, so all stop together with the same message."""
+    problem = _output_dir_problem(cfg, out) if backend.rank == 0 else ""
+    flag = backend.all_reduce_sum(torch.tensor([1.0 if problem else 0.0], device=backend.device))
+    if flag.item():
+        raise UserError(problem or f"train.output_dir={out}: unusable (see rank 0's message)")
+
+
+def _output_dir_problem(cfg: RunConfig, out: Path) -> str:
+    resuming = bool(getattr(cfg.train, "resume", ""))
+    if (out / "model").exists() and not (cfg.train.overwrite or resuming):
+        return (f"train.output_dir={out} already holds a finished run (model/); choose another folder, or "
+                "set train.overwrite=true to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)  # a full disk fails here, not hours later
+        probe.unlink()
+    except OSError as err:
+        return f"train.output_dir={out}: cannot write there ({err.strerror or err})"
+    return ""
 
 
 def version_line() -> str:
@@ -120,7 +169,7 @@ def held_out(session: Session) -> list[Example]:
 
 def train(cfg: RunConfig) -> dict:
     """Fine-tune; returns the last evaluation. Writes config.yaml, metrics.jsonl and model/ on rank 0."""
-    session = setup(cfg)
+    session = setup(cfg, output_dir=Path(cfg.train.output_dir))
     try:
         with checkpoint.StopSignal() as stop:  # SIGTERM/SIGUSR1: finish the step, checkpoint, exit
             return _train_loop(session, stop)
@@ -164,8 +213,9 @@ def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
         skips_in_a_row = skips_in_a_row + 1 if skipped else 0
         totals["skipped_steps"] += skipped
         if skips_in_a_row >= MAX_CONSECUTIVE_SKIPS:
-            raise FloatingPointError(f"{skips_in_a_row} steps in a row gave non-finite losses (step {step}); "
-                                     "lower zo.lr or zo.eps, or use model.dtype=float32")
+            progress.close()  # the error goes on a line of its own
+            raise UserError(f"{skips_in_a_row} steps in a row gave non-finite losses (step {step}); "
+                            "lower zo.lr or zo.eps, or use model.dtype=float32")
         if skipped:
             log.warning("step %d: non-finite loss, update skipped (%d so far)", step, totals["skipped_steps"])
         totals["forward_passes"] += record.pop("forward_passes")

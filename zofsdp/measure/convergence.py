@@ -62,7 +62,8 @@ def section_convergence(args) -> dict:
     runs, errors = {}, {}
     for name, overrides in variants(args).items():
         folder = Path(args.out) / "convergence" / name.replace(":", "-")
-        cfg = run_config(args, *settings(args), *overrides, f"train.output_dir={folder}", "train.seed=0")
+        cfg = run_config(args, *settings(args), *overrides, f"train.output_dir={folder}", "train.seed=0",
+                         "train.overwrite=true")
         try:
             train(cfg)
         except Exception as err:  # an optimizer under construction must not sink the others

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from zofsdp.errors import UserError
 from zofsdp.tasks.base import Example, Splits, Task, sample_splits
 from zofsdp.tasks.glue import CB, RTE, SST2
 
@@ -10,7 +11,7 @@ TASKS: dict[str, type[Task]] = {t.name: t for t in (SST2, RTE, CB)}
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise ValueError(f"data.task: unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+        raise UserError(f"data.task: unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
     return TASKS[name]()
 
 

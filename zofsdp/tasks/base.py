@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from zofsdp.errors import MissingFile, UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -40,12 +42,17 @@ class Task:
         import datasets
 
         if not data_dir:
-            return list(datasets.load_dataset(*self.hub, split=split))
+            try:
+                return list(datasets.load_dataset(*self.hub, split=split))
+            except Exception as err:  # no network, no such dataset, a broken cache: all end here
+                raise UserError(f"{self.name}: cannot load {'/'.join(self.hub)} from the Hugging Face hub "
+                                f"({type(err).__name__}: {err}); set data.dir to a folder with the task "
+                                "files (e.g. ../shared/data)") from err
         path = Path(data_dir) / self.files[split]
         if not Path(data_dir).is_dir():
-            raise FileNotFoundError(f"data.dir not found: {data_dir} (set data.dir, or '' to use the hub)")
+            raise MissingFile(f"data.dir not found: {data_dir} (set data.dir, or '' to use the hub)")
         if not path.is_file():
-            raise FileNotFoundError(f"{self.name}: {split} file not found: {path}")
+            raise MissingFile(f"{self.name}: {split} file not found: {path}")
         try:
             if path.suffix == ".tsv":
                 ds = datasets.load_dataset(
@@ -54,10 +61,10 @@ class Task:
             else:
                 ds = datasets.load_dataset("json", data_files=str(path), split="train")
         except Exception as err:  # datasets raises several types for unreadable files
-            raise ValueError(f"{self.name}: cannot parse {path}: {err}") from err
+            raise UserError(f"{self.name}: cannot parse {path}: {err}") from err
         missing = [c for c in self.columns if c not in ds.column_names]
         if missing:
-            raise ValueError(f"{self.name}: {path} lacks columns {missing} (has {ds.column_names})")
+            raise UserError(f"{self.name}: {path} lacks columns {missing} (has {ds.column_names})")
         return list(ds)
 
     def examples(self, data_dir: str, split: str) -> list[Example]:
@@ -67,7 +74,7 @@ class Task:
             try:
                 out.append(self.example(row))
             except (KeyError, ValueError, TypeError) as err:
-                raise ValueError(f"{self.name} {split} row {index} is malformed ({err!r}): {row}") from err
+                raise UserError(f"{self.name} {split} row {index} is malformed ({err!r}): {row}") from err
         return out
 
 
@@ -105,5 +112,5 @@ def sample_splits(task: Task, data_dir: str, num_train: int, num_dev: int, num_e
     random.Random(seed + 1).shuffle(order)
     evaluation = [held_out[i] for i in order[:num_eval]]
     if not train:
-        raise ValueError(f"{task.name}: no training examples (data.num_train={num_train})")
+        raise UserError(f"{task.name}: no training examples (data.num_train={num_train})")
     return Splits(train, dev, evaluation)
