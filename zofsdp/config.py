@@ -30,7 +30,8 @@ def default_data_dir() -> str:
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     name_or_path: str = "smollm2-135m"
-    """Hub id, local folder, a .gguf file, `smollm2-135m` (the embedded default) or `tiny-llama`/`tiny-opt`."""
+    """Hub id, local folder, a .gguf file, `smollm2-135m` (the embedded default), `tiny-llama`/`tiny-opt`, or an
+    architecture JSON (configs/models/*.json: random weights, for measuring memory and speed)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the stored weights (the shards), where updates accumulate. bf16/fp16 shards are never
     perturbed in place: the forwards perturb the gathered copy and updates round stochastically."""

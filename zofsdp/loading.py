@@ -142,7 +142,13 @@ def empty_model(config, dtype: torch.dtype) -> nn.Module:
 
 def materialise(model: nn.Module, device: torch.device) -> None:
     """Allocate what is still on meta (the shards), uninitialised; real buffers only move to `device`."""
+    from torch.distributed.fsdp import FSDPModule
+
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
+    if not isinstance(model, FSDPModule):
+        # A plain meta tensor cannot take the new storage in place, so `_apply` gives each module a new
+        # Parameter and ties break (FSDP2's DTensor parameters are updated in place and stay tied).
+        model.tie_weights()
 
 
 def local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int, int]:
