@@ -134,6 +134,40 @@ class AdaLeZOConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class BSZOConfig:
+    """BSZO and BSZO-B (zofsdp/optim/bszo.py; defaults from the authors' scripts, AeonianQuill/BSZO).
+    The paper runs ε = 1e-4 and lr 5e-8 to 1e-6 (OPT-13B) with these: set zo.eps and zo.lr."""
+
+    subspace_dim: int = 2
+    """k: directions per step (the paper's and every script's 2; run.py's dataclass says 1)."""
+    num_samples: int = 3
+    """m: Kalman observations per step, k axes then m − k adaptive ones (scripts: 3 = k + 1)."""
+    prior_std: float = 0.0
+    """σ_p of the subspace gradient's prior; 0 = auto, √(n/10⁶) with n the trainable parameters (code)."""
+    noise_std_init: float = 0.0
+    """σ_e,init of the observation noise; 0 = auto, √(n/10⁶) (code)."""
+    adaptive_noise: bool = True
+    """Track σ_e from the residuals (the paper credits it for bf16 robustness); false keeps σ_e,init."""
+    noise_ema: float = 0.1
+    """α: weight of the new squared residual in σ_e²'s EMA (code: 0.1)."""
+    noise_floor: float = 0.1
+    """σ_e never drops below this fraction of σ_e,init (code: 0.1; not in the paper)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ZOAdamConfig:
+    """ZO-Adam / MeZO-Adam (zofsdp/optim/zo_adam.py): torch.optim.Adam's update on the two-sided estimate.
+    The papers' grids put its lr ~100x below MeZO's (1e-5 to 1e-8)."""
+
+    beta1: float = 0.9
+    """EMA weight of the first moment (torch default, used by every public script)."""
+    beta2: float = 0.999
+    """EMA weight of the second moment (torch default)."""
+    adam_eps: float = 1e-8
+    """Added to √v̂ (torch default; loren's --eps 1e-8)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class ZOConfig:
     optimizer: str = "mezo"
     """One of `zofsdp.optim.OPTIMIZERS`."""
@@ -154,6 +188,9 @@ class ZOConfig:
     Does not change the noise; each thread holds its own 640 KiB of chunk buffers."""
     curvzo: CurvZOConfig = field(default_factory=CurvZOConfig)
     adalezo: AdaLeZOConfig = field(default_factory=AdaLeZOConfig)
+    bszo: BSZOConfig = field(default_factory=BSZOConfig)
+    """Also read by bszo_b."""
+    zo_adam: ZOAdamConfig = field(default_factory=ZOAdamConfig)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -208,6 +245,22 @@ def check(cfg: RunConfig) -> None:
         raise ValueError("zo.adalezo needs 0 < rho <= 1, 0 <= gamma <= 1, tau > 0, 0 <= alpha < 1")
     if a.max_weight < 0 or 0 < a.max_weight < 1:
         raise ValueError(f"zo.adalezo.max_weight must be 0 (no clip) or >= 1, got {a.max_weight}")
+    check_new_optimizers(cfg.zo)
+
+
+def check_new_optimizers(zo: ZOConfig) -> None:
+    """BSZO, ZO-Adam: each message names the field to fix."""
+    b = zo.bszo
+    if not 1 <= b.subspace_dim <= b.num_samples:
+        raise ValueError(f"zo.bszo needs 1 <= subspace_dim <= num_samples, got {b.subspace_dim}, {b.num_samples}")
+    if b.prior_std < 0 or b.noise_std_init < 0 or not 0 < b.noise_ema <= 1 or not 0 <= b.noise_floor <= 1:
+        raise ValueError("zo.bszo needs prior_std >= 0, noise_std_init >= 0 (0 = auto), 0 < noise_ema <= 1, "
+                         f"0 <= noise_floor <= 1; got {b.prior_std}, {b.noise_std_init}, {b.noise_ema}, "
+                         f"{b.noise_floor}")
+    a = zo.zo_adam
+    if not (0 <= a.beta1 < 1 and 0 <= a.beta2 < 1 and a.adam_eps > 0):
+        raise ValueError(f"zo.zo_adam needs 0 <= beta1, beta2 < 1 and adam_eps > 0, got {a.beta1}, {a.beta2}, "
+                         f"{a.adam_eps}")
 
 
 def compute_dtype(model: ModelConfig) -> str:

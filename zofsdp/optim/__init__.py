@@ -10,6 +10,8 @@ OPTIMIZERS = {
     "mezo": "zofsdp.optim.mezo:MeZO",
     "curvzo": "zofsdp.optim.curvzo:CurvZO",
     "adalezo": "zofsdp.optim.adalezo:AdaLeZO",
+    "bszo": "zofsdp.optim.bszo:BSZO",
+    "bszo_b": "zofsdp.optim.bszo:BSZO_B",
 }
 
 
