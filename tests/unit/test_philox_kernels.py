@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import: kernels then run on CPU
+# Kernels run on CPU tensors through Triton's interpreter, which must be on before Triton is imported (and
+# stays on: Triton reads it again at run time). Never switched on for a GPU machine's whole test session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("these tests run the kernels on CPU tensors (TRITON_INTERPRET=1); on a GPU use "
+                "launch/gpu_check.sh", allow_module_level=True)
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
@@ -23,9 +29,6 @@ from zofsdp import kernels, philox
 from zofsdp._triton_noise import _words
 from zofsdp.kernels import PhiloxKernels
 from zofsdp.noise import Noise, Shard, mix_seed
-
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton was imported without TRITON_INTERPRET=1 and there is no GPU", allow_module_level=True)
 
 SEED = 11
 
