@@ -45,9 +45,21 @@ def init_distributed(timeout_minutes: float = 60.0) -> tuple[int, int, torch.dev
         if "RANK" not in os.environ:  # started by plain python: a one-rank group
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                **_attempt_store(timeout))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _attempt_store(timeout: timedelta) -> dict:
+    """After torchrun restarted the group (--max-restarts), this attempt's own key space in the store: the
+    agent's store still holds the dead attempt's addresses, and gloo then connects to a dead rank's port
+    ("connectFullMesh failed ... Connection refused"; seen with torch 2.13, cf. pytorch#167288)."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not attempt:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    return {"store": dist.PrefixStore(f"zofsdp_attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 class Backend(ABC):
