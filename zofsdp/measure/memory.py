@@ -250,8 +250,9 @@ def _fmt(n: float) -> str:
 
 
 def measured_table(report: dict) -> str:
-    lines = [f"{report['model']} ({report['dtype']}), backend {report['backend']}, world size "
-             f"{report['world_size']}, {report['device']}; figures: {report['source']}",
+    precision = f"{report['dtype']} shards, {report.get('compute_dtype', report['dtype'])} compute"
+    lines = [(f"{report['model']} ({precision}), backend {report['backend']}, world size "
+              f"{report['world_size']}, {report['device']}; figures: {report['source']}"),
              "rank  optimizer   inference     zo step       ratio   growth/step  "
              + "  ".join(c for c in CATEGORIES)]
     for r in report["ranks"]:
@@ -334,9 +335,8 @@ def simulated_report(result: dict, model: str, ws: int, dtype: str, seq_len: int
 
 def simulated_table(reports: list[dict]) -> str:
     first = reports[0]
-    lines = [f"Simulated per-rank peak (rank 0), {first['dtype']} shards, {first['compute_dtype']} compute, "
-             f"{first['batch_size']} x {first['seq_len']} "
-             "tokens; GiB. AdamW and ZeRO-3 columns are analytic.",
+    lines = [(f"Simulated per-rank peak (rank 0), {first['dtype']} shards, {first['compute_dtype']} compute, "
+              f"{first['batch_size']} x {first['seq_len']} tokens; GiB. AdamW and ZeRO-3 columns are analytic."),
              "| model | ranks | inference | " + " | ".join(f"{n} step" for n in first["optimizers"])
              + " | ratio | hand calc | ZeRO-3 ZO (analytic) | AdamW full FT (analytic) |",
              "|---|---|---|" + "---|" * len(first["optimizers"]) + "---|---|---|---|"]
