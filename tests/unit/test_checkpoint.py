@@ -119,11 +119,11 @@ def test_newest_complete_checkpoint_wins_and_partial_writes_are_ignored(tmp_path
 # ------------------------------------------------------------------------------ optimizers and replay
 
 
-def _shards(seed: int = 0) -> list[Shard]:
+def _shards(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[Shard]:
     g = torch.Generator().manual_seed(seed)
     names = [("embed.weight", "embed"), ("layers.0.w", "layers.0"), ("layers.0.b", "layers.0"),
              ("layers.1.w", "layers.1"), ("head.weight", "head")]
-    return [Shard(n, torch.randn(3000 + 700 * i, generator=g) * 0.02, 0, 3000 + 700 * i, block_id(n),
+    return [Shard(n, (torch.randn(3000 + 700 * i, generator=g) * 0.02).to(dtype), 0, 3000 + 700 * i, block_id(n),
                   n.endswith(("w", "weight")), group) for i, (n, group) in enumerate(names)]
 
 
@@ -136,11 +136,16 @@ def _loss(shards: list[Shard], step: int, calls: list[int]) -> float:
                for s in shards) + 0.3
 
 
-@pytest.mark.parametrize("name", ["mezo", "curvzo", "adalezo"])
-def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name):
+@pytest.mark.parametrize(("name", "dtype"), [("mezo", torch.float32), ("curvzo", torch.float32),
+                                             ("adalezo", torch.float32), ("curvzo", torch.bfloat16)])
+def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name, dtype):
+    """bf16: probes go through a Probe (no shard is perturbed), updates round stochastically: replay too."""
+    from zofsdp.optim.probe import Probe
+
     cfg = ZOConfig(optimizer=name, lr=1e-2, eps=1e-3, noise="gaussian", chunk_numel=1024, weight_decay=0.1)
-    trained, records, skipped = _shards(), [], 0
-    opt = build_optimizer(cfg, trained, seed=7)
+    probe = (lambda: Probe()) if dtype != torch.float32 else (lambda: None)
+    trained, records, skipped = _shards(dtype=dtype), [], 0
+    opt = build_optimizer(cfg, trained, seed=7, probe=probe())
     for step in range(1, 9):
         losses, calls = [], [0]
 
@@ -151,8 +156,9 @@ def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name):
         skipped += bool(opt.step(loss_fn, step).get("skipped"))
         records.append(seedlog.Record(step, tuple(losses)))
     assert skipped == 2
-    replayed = _shards()
-    again = build_optimizer(cfg, replayed, seed=7)
+    replayed = _shards(dtype=dtype)
+    again = build_optimizer(cfg, replayed, seed=7, probe=probe())
+    assert not all(torch.equal(a.data, b.data) for a, b in zip(trained, replayed))  # training moved them
     for record in records:
         again.step(_oracle(record), record.step)
     for a, b in zip(trained, replayed):
