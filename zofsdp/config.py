@@ -168,6 +168,18 @@ class ZOAdamConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class HiZOOConfig:
+    """HiZOO (zofsdp/optim/hizoo.py). The README's OPT-13B example runs lr 1e-6, ε 1e-3 with these."""
+
+    smooth: float = 1e-8
+    """α: EMA weight of the new diagonal estimate (README `constant1e-8`, the runs the BSZO paper made;
+    HiZOO.sh's default `constant0` freezes H = 1, i.e. MeZO with a third forward)."""
+    estimator: Literal["paper", "code"] = "paper"
+    """`paper`: |ΔL/(2ε²)·H(z² − 1)|, unbiased before the |·|; `code`: |ΔL|/(2ε²)·H·z², the public code's,
+    which drops the −1 and converges to ≈ (d+2)/2 times diag(∇²L)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class ZOConfig:
     optimizer: str = "mezo"
     """One of `zofsdp.optim.OPTIMIZERS`."""
@@ -191,6 +203,7 @@ class ZOConfig:
     bszo: BSZOConfig = field(default_factory=BSZOConfig)
     """Also read by bszo_b."""
     zo_adam: ZOAdamConfig = field(default_factory=ZOAdamConfig)
+    hizoo: HiZOOConfig = field(default_factory=HiZOOConfig)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -249,7 +262,7 @@ def check(cfg: RunConfig) -> None:
 
 
 def check_new_optimizers(zo: ZOConfig) -> None:
-    """BSZO, ZO-Adam: each message names the field to fix."""
+    """BSZO, ZO-Adam, HiZOO: each message names the field to fix."""
     b = zo.bszo
     if not 1 <= b.subspace_dim <= b.num_samples:
         raise ValueError(f"zo.bszo needs 1 <= subspace_dim <= num_samples, got {b.subspace_dim}, {b.num_samples}")
@@ -261,6 +274,8 @@ def check_new_optimizers(zo: ZOConfig) -> None:
     if not (0 <= a.beta1 < 1 and 0 <= a.beta2 < 1 and a.adam_eps > 0):
         raise ValueError(f"zo.zo_adam needs 0 <= beta1, beta2 < 1 and adam_eps > 0, got {a.beta1}, {a.beta2}, "
                          f"{a.adam_eps}")
+    if not 0 <= zo.hizoo.smooth <= 1:
+        raise ValueError(f"zo.hizoo.smooth must be in [0, 1], got {zo.hizoo.smooth}")
 
 
 def compute_dtype(model: ModelConfig) -> str:

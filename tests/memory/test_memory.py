@@ -17,8 +17,13 @@ from zofsdp.optim import OPTIMIZERS
 
 pytestmark = pytest.mark.memory
 
-NOT_INFERENCE_LEVEL: set[str] = set()
-"""Registered optimizers whose papers do not promise inference-level memory (none so far)."""
+NOT_INFERENCE_LEVEL: dict[str, str] = {
+    "zo_adam": "Adam's two moments are parameter-sized (fp32, sharded like the parameters): inference + 8·P/N "
+               "bytes per rank, checked in tests/memory/test_state_memory.py",
+    "hizoo": "its diagonal Hessian estimate is parameter-sized (fp32, sharded like the parameters): inference "
+             "+ 4·P/N bytes per rank, checked in tests/memory/test_state_memory.py",
+}
+"""Registered optimizers whose papers do not promise inference-level memory, with the reason."""
 OPTIMIZERS_AT_INFERENCE_LEVEL = [name for name in OPTIMIZERS if name not in NOT_INFERENCE_LEVEL]
 SMALL_STATE = 64 << 10
 """Slack for sparse optimizers' per-block state (scores, rewards) when compared with dense MeZO."""

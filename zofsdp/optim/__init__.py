@@ -12,6 +12,8 @@ OPTIMIZERS = {
     "adalezo": "zofsdp.optim.adalezo:AdaLeZO",
     "bszo": "zofsdp.optim.bszo:BSZO",
     "bszo_b": "zofsdp.optim.bszo:BSZO_B",
+    "zo_adam": "zofsdp.optim.zo_adam:ZOAdam",
+    "hizoo": "zofsdp.optim.hizoo:HiZOO",
 }
 
 
