@@ -126,7 +126,7 @@ def save(session, optimizer, state: TrainerState) -> Path:
         tmp.mkdir(parents=True)
     backend.barrier()
     file = f"shards-{backend.rank:05d}-of-{backend.world_size:05d}.safetensors"
-    nbytes = write_shards(tmp / file, backend.local_params())
+    nbytes = write_shards(tmp / file, backend.local_params() + state_shards(optimizer))
     timing = torch.zeros(2, backend.world_size, dtype=torch.float64, device=backend.device)
     timing[0, backend.rank], timing[1, backend.rank] = time.perf_counter() - start, nbytes
     timing = backend.all_reduce_sum(timing).cpu()  # also the barrier: every rank's file is on disk
@@ -310,8 +310,10 @@ def resume(session, optimizer) -> TrainerState | None:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {manifest.get('format')!r}, this zofsdp reads {FORMAT}")
     check_model(manifest["model"], model_signature(session.model), path)
-    load_shards(path, manifest, backend)
-    optimizer.load_state_dict(json.loads((path / "optimizer.json").read_text()))
+    load_shards(path, manifest, backend.local_params() + state_shards(optimizer))
+    small = json.loads((path / "optimizer.json").read_text())
+    small["sharded_state_loaded"] = bool(state_shards(optimizer))  # read just above, with the weights
+    optimizer.load_state_dict(small)
     state = TrainerState(**manifest["trainer"])
     if backend.rank == 0:
         changes = _changes(session, optimizer, manifest)
@@ -368,15 +370,23 @@ def _restore_logs(path: Path, out: Path, step: int, changes: list[str]) -> None:
         seedlog.stop_replay_at(out / seedlog.FILE, step, "; ".join(changes))
 
 
+def state_shards(optimizer) -> list:
+    """Parameter-sized optimizer state (ZO-Adam's moments, HiZOO's H), sharded like the parameters:
+    (name, local view, global start, full numel), saved and read exactly like the weights."""
+    get = getattr(optimizer, "state_shards", None)
+    return list(get()) if get else []
+
+
 @torch.no_grad()
-def load_shards(path: Path, manifest: dict, backend) -> None:
-    """Fill this rank's shards from whichever saved slices overlap them (any saved layout)."""
+def load_shards(path: Path, manifest: dict, targets: list) -> None:
+    """Fill (name, local view, global start, full numel) targets from whichever saved slices overlap them
+    (any saved layout): this rank's parameter shards and sharded optimizer state."""
     from safetensors import safe_open
 
     index = _slice_index(path, manifest)
     with ExitStack() as stack:
         files: dict = {}
-        for name, view, start, _ in backend.local_params():
+        for name, view, start, _ in targets:
             covered = 0
             for file, s0, n in index.get(name, ()):
                 lo, hi = max(start, s0), min(start + view.numel(), s0 + n)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,7 +65,7 @@ def test_any_layout_reads_any_saved_layout(tmp_path, saved, loaded, even):
     manifest = _save(tmp_path / "ckpt", full, saved)
     for rank in range(loaded):
         params = [(n, torch.zeros_like(d), s, f) for n, d, s, f in _layout(full, rank, loaded, even)]
-        checkpoint.load_shards(tmp_path / "ckpt", manifest, SimpleNamespace(local_params=lambda p=params: p))
+        checkpoint.load_shards(tmp_path / "ckpt", manifest, params)
         for (name, data, start, _), (_, want, _, _) in zip(params, _layout(full, rank, loaded, even)):
             assert torch.equal(data, want), (name, rank)
 
@@ -76,7 +75,7 @@ def test_truncated_shard_file_is_refused(tmp_path):
     path = tmp_path / "ckpt" / manifest["files"][1]["name"]
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(checkpoint.CheckpointError, match="damaged"):
-        checkpoint.load_shards(tmp_path / "ckpt", manifest, SimpleNamespace(local_params=list))
+        checkpoint.load_shards(tmp_path / "ckpt", manifest, [])
 
 
 # ------------------------------------------------------------------------------------- identity checks
