@@ -34,6 +34,7 @@ import torch
 
 from zofsdp import seedlog
 from zofsdp.config import save_config, to_dict
+from zofsdp.errors import UserError
 
 log = logging.getLogger("zofsdp")
 
@@ -50,8 +51,8 @@ HARMLESS = ("train.steps", "train.output_dir", "train.resume", "train.checkpoint
             "zo.noise_threads", "model.cache_dir", "parallel.")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here; the message says why."""
+class CheckpointError(UserError):
+    """A checkpoint that cannot be used here; the message says why (the CLI prints it as one line)."""
 
 
 @dataclass
@@ -245,7 +246,8 @@ def data_position(cfg, examples, step: int) -> dict:
             "num_train": len(examples), "train_sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-def check_model(saved: list, current: list, where: Path) -> None:
+def check_model(saved: list, current: list, where: Path,
+                hint: str = "Resume with the model.name_or_path that wrote it, or start fresh (train.resume='')") -> None:
     """Refuse another model or shape, naming what differs."""
     old = {n: (tuple(s), d) for n, s, d in saved}
     new = {n: (tuple(s), d) for n, s, d in current}
@@ -255,8 +257,7 @@ def check_model(saved: list, current: list, where: Path) -> None:
                  for n in old if n in new and old[n][0] != new[n][0]]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise CheckpointError(f"{where} holds another model: {'; '.join(problems[:3])}{more}. Resume with the "
-                              "model.name_or_path that wrote it, or start fresh (train.resume='')")
+        raise CheckpointError(f"{where} holds another model: {'; '.join(problems[:3])}{more}. {hint}")
 
 
 def trajectory_changes(saved: dict, current: dict) -> list[str]:
@@ -313,7 +314,10 @@ def resume(session, optimizer) -> TrainerState | None:
     load_shards(path, manifest, backend.local_params() + state_shards(optimizer))
     small = json.loads((path / "optimizer.json").read_text())
     small["sharded_state_loaded"] = bool(state_shards(optimizer))  # read just above, with the weights
-    optimizer.load_state_dict(small)
+    try:
+        optimizer.load_state_dict(small)
+    except ValueError as err:  # another optimizer's or another block list's state
+        raise CheckpointError(f"{path}: {err}") from err
     state = TrainerState(**manifest["trainer"])
     if backend.rank == 0:
         changes = _changes(session, optimizer, manifest)

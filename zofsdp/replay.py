@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from zofsdp import seedlog
+from zofsdp.errors import UserError
 
 log = logging.getLogger("zofsdp")
 
@@ -48,13 +49,17 @@ def replay(base: str, run: Path, out: Path, steps: int = 0) -> dict:
     from zofsdp.saving import save_sharded
 
     setup_logging(0)
+    if not (run / seedlog.FILE).is_file():
+        raise UserError(f"--run {run}: no {seedlog.FILE} there (not a run's output_dir, or a run from before "
+                        "the seed log existed)")
     header, records = seedlog.read(run / seedlog.FILE)
     records = _usable(header, records, steps)
     cfg = replay_config(header, base)
     backend = NoneBackend(cfg)
     tokenizer = load_tokenizer(cfg.model)
     model = backend.wrap(backend.load_model(cfg.model, len(tokenizer)))
-    check_model(header["model"], model_signature(model), Path(base))
+    check_model(header["model"], model_signature(model), run / seedlog.FILE,
+                hint=f"--base must be the model the run started from ({header['config']['model']['name_or_path']})")
     model.register_forward_pre_hook(_no_forward)
     optimizer = build_optimizer(cfg.zo, backend.shards(), cfg.train.seed, backend.device, blocks=backend.blocks(),
                                 probe=backend.probe, rounding=cfg.model.update_rounding)
@@ -86,13 +91,13 @@ def _usable(header: dict, records: list[seedlog.Record], steps: int) -> list[see
     """The records to replay: consecutive from step 1, not past where the log stops being replayable."""
     for i, record in enumerate(records):
         if record.step != i + 1:
-            raise ValueError(f"the seed log jumps from step {i} to {record.step}: it is not a whole run")
+            raise UserError(f"the seed log jumps from step {i} to {record.step}: it is not a whole run")
     wanted = steps or len(records)
     if wanted > len(records):
-        raise ValueError(f"--steps {steps}: the seed log holds {len(records)} steps")
+        raise UserError(f"--steps {steps}: the seed log holds {len(records)} steps")
     until = header.get("replayable_until")
     if until is not None and wanted > until:
-        raise ValueError(f"the seed log replays only up to step {until}: the run was resumed there with "
+        raise UserError(f"the seed log replays only up to step {until}: the run was resumed there with "
                          f"{header.get('not_replayable_because')}. Pass --steps {until} for that step's weights")
     return records[:wanted]
 

@@ -74,7 +74,9 @@ def read(path: Path | str) -> tuple[dict, list[Record]]:
     """(header, records) of a seed log; a torn last record (a crash mid-write) is dropped."""
     data = Path(path).read_bytes()
     if data[:8] != MAGIC:
-        raise ValueError(f"{path} is not a zofsdp seed log (no {MAGIC!r} at its start)")
+        from zofsdp.errors import UserError
+
+        raise UserError(f"{path} is not a zofsdp seed log (no {MAGIC!r} at its start)")
     size = int.from_bytes(data[8:12], "little")
     header = json.loads(data[12 : 12 + size])
     return header, list(_records(data, 12 + size))
