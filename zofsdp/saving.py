@@ -3,8 +3,8 @@
 The tensors (tied weights once) are packed in order into files of at most `max_file_bytes`; file i is
 written by rank i mod world size. The header of every file is known before any data (shapes and dtypes
 come from the sharded model's metadata), so each file is streamed: for every tensor in turn, all ranks
-take part in gathering it (the collective the backend already has: FSDP2's `full_tensor`, ZeRO-3's
-`GatheredParameters`), and only the writer of its file converts it, 64 MiB at a time, and appends it.
+send their pieces of it point-to-point to the writer of its file (FSDP2's rows, ZeRO-3's flat
+partitions), which converts it, 64 MiB at a time, and appends it.
 A rank therefore holds its shard plus one gathered tensor (plus a 64 MiB cast buffer); the ranks write
 their files in parallel. Several files get a `model.safetensors.index.json`, as `from_pretrained` expects.
 
@@ -165,4 +165,21 @@ def gather_to(t: torch.Tensor, owner: int, rank: int, world_size: int) -> torch.
             out[lo:hi].copy_(local)
         else:
             dist.recv(out[lo:hi], src=r)
+    return out
+
+
+def gather_partitions(part: torch.Tensor, owner: int, rank: int, world_size: int) -> torch.Tensor | None:
+    """ZeRO-3's equal-length flat partitions, concatenated on rank `owner` (None elsewhere), point-to-point."""
+    import torch.distributed as dist
+
+    if rank != owner:
+        dist.send(part.contiguous(), dst=owner)
+        return None
+    n = part.numel()
+    out = torch.empty(world_size * n, dtype=part.dtype, device=part.device)
+    for r in range(world_size):
+        if r == rank:
+            out[r * n : (r + 1) * n].copy_(part)
+        else:
+            dist.recv(out[r * n : (r + 1) * n], src=r)
     return out

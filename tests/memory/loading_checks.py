@@ -89,7 +89,7 @@ def save_and_compare(backend, model, folder: Path, got: torch.Tensor, dtype: tor
     """Save with files of ~1/4 of the model (so several ranks write), then reload on rank 0 and compare."""
     from zofsdp.saving import save_sharded
 
-    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
     with host_peak() as peak:
         save_sharded(backend, model, folder, None, max_file_bytes=full // 4)
     out = {"save": peak.as_dict()}

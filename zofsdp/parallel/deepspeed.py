@@ -251,9 +251,9 @@ class DeepSpeedBackend(Backend):
         return out
 
     def full_tensors(self, owners: list[tuple[str, int]]):
-        """Gather one parameter at a time (an all-gather every rank joins, as ZeRO-3's forward does); the
-        owner gets it, and it is released when the caller asks for the next."""
-        import deepspeed
+        """Each parameter whole on its owner, from the ranks' partitions sent point-to-point (no
+        GatheredParameters: an all-gather would put a copy on every rank, two with gloo on CPU)."""
+        from zofsdp.saving import gather_partitions
 
         state = self.engine.module.state_dict(keep_vars=True)
         for key, owner in owners:
@@ -261,5 +261,5 @@ class DeepSpeedBackend(Backend):
             if not hasattr(t, "ds_tensor"):  # a buffer: whole on every rank
                 yield key, t if self.rank == owner else None
                 continue
-            with deepspeed.zero.GatheredParameters([t], modifier_rank=None):
-                yield key, t.data if self.rank == owner else None
+            full = gather_partitions(t.ds_tensor.data.view(-1), owner, self.rank, self.world_size)
+            yield key, None if full is None else full[: t.ds_numel].view(t.ds_shape)
