@@ -135,8 +135,9 @@ def _loss(shards: list[Shard], step: int, calls: list[int]) -> float:
                for s in shards) + 0.3
 
 
-@pytest.mark.parametrize(("name", "dtype"), [("mezo", torch.float32), ("curvzo", torch.float32),
-                                             ("adalezo", torch.float32), ("curvzo", torch.bfloat16)])
+@pytest.mark.parametrize(("name", "dtype"), [
+    *[(n, torch.float32) for n in ("mezo", "curvzo", "adalezo", "bszo", "bszo_b", "zo_adam", "hizoo")],
+    ("curvzo", torch.bfloat16)])
 def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name, dtype):
     """bf16: probes go through a Probe (no shard is perturbed), updates round stochastically: replay too."""
     from zofsdp.optim.probe import Probe
@@ -165,7 +166,7 @@ def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name, dtype):
     assert json.dumps(opt.state_dict()) == json.dumps(again.state_dict())
 
 
-@pytest.mark.parametrize("name", ["curvzo", "adalezo"])
+@pytest.mark.parametrize("name", ["curvzo", "adalezo", "bszo"])
 def test_optimizer_state_round_trips_and_gives_the_same_next_steps(name):
     cfg = ZOConfig(optimizer=name, lr=1e-2, eps=1e-3, noise="gaussian", chunk_numel=1024)
     a = build_optimizer(cfg, _shards(), seed=1)
