@@ -9,7 +9,8 @@ back: the same masks, the same skipped (non-finite) steps, the same updates, and
 File `seedlog.bin` (rank 0 writes it beside metrics.jsonl; each checkpoint holds a copy up to its step):
   b"ZOSEEDLG", uint32 little-endian n, n bytes of JSON header (config, resolved noise kind, model shape),
   then one record per step: uint32 step, uint16 count, count × float64 (little-endian).
-MeZO, AdaLeZO and CurvZO call the oracle twice per step (once when CurvZO keeps no block): 22 bytes.
+6 + 8 × (forwards per step) bytes: 22 for MeZO, CurvZO, AdaLeZO and ZO-Adam (2 forwards), 30 for BSZO
+and HiZOO (3), 38 for BSZO-B (4).
 """
 
 from __future__ import annotations
