@@ -167,6 +167,8 @@ def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int
     def forward_mode():
         return fake_mode
 
+    if backend.probe is not None:
+        _probe_outside_fake_mode(backend.probe)
     with fake_mode:
         forward()  # warm-up: FSDP2's lazy initialisation, outside the measurement
     shards, blocks = backend.shards(), backend.blocks()
@@ -183,6 +185,22 @@ def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int
 
         results[name] = measure_optimizer(tracker, name, build, forward, forward_mode=forward_mode)
     return {"inference": inference, "optimizers": results}
+
+
+def _probe_outside_fake_mode(probe) -> None:
+    """The bf16-shard probe hooks run inside the forward, under the fake mode, where each of their real
+    chunk ops (randn, the 8-bit rounding) was re-dispatched as a fake op: ~0.1 s per tensor. Run them as
+    the update phases do, with the fake mode popped: the fake parameters still dispatch to it, and the
+    memory tracker (a separate mode) still counts every allocation."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    apply = probe.apply
+
+    def apply_unfaked(name: str, tensor: torch.Tensor) -> None:
+        with unset_fake_temporarily():
+            apply(name, tensor)
+
+    probe.apply = apply_unfaked
 
 
 # ------------------------------------------------------------------------------------ hand calculations
