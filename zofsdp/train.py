@@ -96,8 +96,7 @@ def check_output_dir(cfg: RunConfig, backend: Backend, out: Path) -> None:
 
 
 def _output_dir_problem(cfg: RunConfig, out: Path) -> str:
-    resuming = bool(getattr(cfg.train, "resume", ""))
-    if (out / "model").exists() and not (cfg.train.overwrite or resuming):
+    if (out / "model").exists() and not (cfg.train.overwrite or cfg.train.resume):
         return (f"train.output_dir={out} already holds a finished run (model/); choose another folder, or "
                 "set train.overwrite=true to replace it")
     try:
