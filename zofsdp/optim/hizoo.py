@@ -45,7 +45,7 @@ class HiZOO(ZOOptimizer):
                              "shards (model.dtype=float32; model.compute_dtype=bfloat16 keeps bf16 forwards)")
         super().__init__(shards, cfg, seed, device, **kw)
         self.c = cfg.hizoo
-        self.hessian = [torch.ones(s.numel, dtype=torch.float32, device=s.data.device) for s in shards]
+        self.hessian = [torch.ones_like(s.data, dtype=torch.float32) for s in shards]  # fake when simulated
         """H: the diagonal Hessian estimate of each shard's elements (init 1, as the code)."""
 
     def _local(self, i: int, view: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,9 @@ class ZOAdam(ZOOptimizer):
     def __init__(self, shards: list[Shard], cfg, seed: int, device="cpu", **kw):
         super().__init__(shards, cfg, seed, device, **kw)
         self.c = cfg.zo_adam
-        self.exp_avg = [torch.zeros(s.numel, dtype=torch.float32, device=s.data.device) for s in shards]
-        self.exp_avg_sq = [torch.zeros(s.numel, dtype=torch.float32, device=s.data.device) for s in shards]
+        # zeros_like: on the shard's device, and fake where the shards are (zofsdp memory --simulate)
+        self.exp_avg = [torch.zeros_like(s.data, dtype=torch.float32) for s in shards]
+        self.exp_avg_sq = [torch.zeros_like(s.data, dtype=torch.float32) for s in shards]
         self.num_updates = 0
         """t of the bias correction: steps whose update was applied (skipped steps do not count)."""
 
