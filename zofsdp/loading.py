@@ -191,8 +191,10 @@ def fill_from_checkpoint(model: nn.Module, ckpt: SafetensorsCheckpoint) -> None:
         if key is not None:
             b.copy_(ckpt.rows(key, 0, b.shape[0] if b.dim() else 1))
     if missing:
-        raise KeyError(f"the checkpoint lacks {len(missing)} parameters (e.g. {missing[:3]}); their shards "
-                       "would stay uninitialised")
+        from zofsdp.errors import UserError
+
+        raise UserError(f"the checkpoint lacks {len(missing)} parameters (e.g. {missing[:3]}); their shards "
+                        "would stay uninitialised")
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from zofsdp.config import ModelConfig
+from zofsdp.errors import UserError
 from zofsdp.loading import SafetensorsCheckpoint, empty_model, fill_from_checkpoint, load_lean, materialise
 from zofsdp.models import load_model, resolve
 from zofsdp.parallel.none import NoneBackend
@@ -65,7 +66,7 @@ def test_a_missing_tensor_is_an_error_not_garbage(tmp_path):
     save_file(kept, str(tmp_path / "m" / "model.safetensors"))
     empty = empty_model(model.config, torch.float32)
     materialise(empty, torch.device("cpu"))
-    with pytest.raises(KeyError, match="lacks 3 parameters"):
+    with pytest.raises(UserError, match="lacks 3 parameters"):
         fill_from_checkpoint(empty, SafetensorsCheckpoint(tmp_path / "m"))
 
 
