@@ -92,6 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         if err.errno not in USER_OS_ERRORS:
             raise
         return report_user_error(f"{err.strerror}: {err.filename or err}")
+    finally:
+        release()
+
+
+def release() -> None:
+    """Free the finished command's model now, while Python is whole.
+
+    A sharded model is cyclic garbage once its command returns (FSDP's hooks refer back to the modules),
+    so without this the cyclic collector frees it whenever it next runs, possibly during interpreter
+    shutdown. Its process group's gloo threads then tear down against a half-finalised interpreter, and
+    a thread that needs the GIL there is ended by a forced unwind that C++ turns into `std::terminate`:
+    "terminate called without an active exception" (SIGABRT) at random, seen once in CI (issue 9).
+    """
+    import gc
+
+    gc.collect()
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():  # a command that failed before closing its group
+        dist.destroy_process_group()
 
 
 USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
