@@ -11,6 +11,7 @@ from zofsdp.config import ZOConfig
 from zofsdp.optim import build_optimizer
 
 FORWARDS = {"bszo": 3, "bszo_b": 4, "zo_adam": 2, "hizoo": 3}
+PERTURBED_FORWARDS = {"bszo": 2, "bszo_b": 3, "zo_adam": 2}
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
                "send", "recv", "isend", "irecv", "all_to_all", "barrier")
 
@@ -36,3 +37,31 @@ def test_forwards_per_step_and_no_collectives(name, monkeypatch):
         record = opt.step(loss, step)
         assert len(calls) == record["forward_passes"] == FORWARDS[name]
     assert not torch.equal(problem.flat(), start)
+
+
+@pytest.mark.parametrize("name", ["bszo", "bszo_b", "zo_adam"])
+def test_probe_path_matches_in_place_probes(name):
+    """With a Probe (the bf16-shard path) the shards are never perturbed and every probe is closed by the
+    end of the step; fed the same losses, the weights match the in-place run (which restores to ~1 ulp)."""
+    from zofsdp.optim.probe import Probe
+
+    results, seen = [], []
+    for probe in (None, Probe()):
+        problem = Quadratic([300, 200], [1.0, 2.0], dtype=torch.float32)
+        opt = build_optimizer(zo_config(optimizer=name, lr=1e-2), problem.shards, seed=0, probe=probe)
+        losses = iter([1.0 + 0.01 * ((i * 7) % 5) for i in range(100)])
+        for step in range(1, 5):
+            before = problem.flat()
+
+            def loss(before=before, probe=probe, problem=problem, losses=losses) -> float:
+                if probe is not None:  # only the forwards see the probe: the shards never move before the update
+                    assert torch.equal(problem.flat(), before)
+                    seen.append(probe.active)
+                return next(losses)
+
+            opt.step(loss, step)
+            assert probe is None or not probe.active
+        results.append(problem.flat())
+    assert not torch.equal(results[0], Quadratic([300, 200], [1.0, 2.0], dtype=torch.float32).flat())
+    assert torch.allclose(results[0], results[1], rtol=0, atol=1e-6)
+    assert sum(seen) == 4 * PERTURBED_FORWARDS[name]  # every perturbed forward saw an active probe
