@@ -65,3 +65,17 @@ def test_probe_path_matches_in_place_probes(name):
     assert not torch.equal(results[0], Quadratic([300, 200], [1.0, 2.0], dtype=torch.float32).flat())
     assert torch.allclose(results[0], results[1], rtol=0, atol=1e-6)
     assert sum(seen) == 4 * PERTURBED_FORWARDS[name]  # every perturbed forward saw an active probe
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("zo.bszo.num_samples=1", "subspace_dim <= num_samples"),
+    ("zo.bszo.noise_ema=0", "noise_ema"),
+    ("zo.zo_adam.beta2=1.0", "zo.zo_adam"),
+    ("zo.hizoo.smooth=2", "zo.hizoo.smooth"),
+    ("zo.hizoo.estimator=other", "paper"),
+])
+def test_bad_settings_are_refused_naming_the_field(override, message):
+    from zofsdp.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override])
