@@ -106,3 +106,17 @@ def test_convergence_per_forward_on_a_quadratic(name):
         step += 1
         forwards += opt.step(problem.loss, step)["forward_passes"]
     assert problem.loss() / start < bound, problem.loss() / start
+
+
+@pytest.mark.parametrize("name", list(FORWARDS))
+def test_same_weights_for_any_noise_thread_count(name):
+    """The update passes of ZO-Adam and HiZOO run their own per-chunk code on the noise lanes: 1 or 3 lanes
+    (threads) must give the same bits (each chunk touches only its own elements and state)."""
+    results = []
+    for threads in (1, 3):
+        problem = Quadratic([3000, 2000], [1.0, 2.0], dtype=torch.float32)
+        opt = build_optimizer(zo_config(optimizer=name, lr=1e-3, noise_threads=threads), problem.shards, seed=0)
+        for step in range(1, 4):
+            opt.step(problem.loss, step)
+        results.append(problem.flat())
+    assert torch.equal(results[0], results[1])
