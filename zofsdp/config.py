@@ -180,6 +180,21 @@ class HiZOOConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class LorenConfig:
+    """LOREN (zofsdp/optim/loren.py); defaults from the authors' README command and class."""
+
+    num_queries: int = 10
+    """K: forwards per step, each with its own direction (RLOO needs K >= 2). main.py's default is 10; a
+    second-hand note of the paper says 6."""
+    damping: float = 0.1
+    """λ of the curvature I + a·aᵀ/λ (README `--damping 0.1`; main.py says 1.0)."""
+    lr_cov: float = 1e-3
+    """η_a: step size of the score-function update of a (README `--lr_cov 1e-3`)."""
+    momentum: float = 0.9
+    """β1 of the heavy-ball momentum on ≥2-D tensors, applied K times per step as the code (no (1 − β1))."""
+
+
+@dataclass(kw_only=True, slots=True)
 class ZOConfig:
     optimizer: str = "mezo"
     """One of `zofsdp.optim.OPTIMIZERS`."""
@@ -204,6 +219,7 @@ class ZOConfig:
     """Also read by bszo_b."""
     zo_adam: ZOAdamConfig = field(default_factory=ZOAdamConfig)
     hizoo: HiZOOConfig = field(default_factory=HiZOOConfig)
+    loren: LorenConfig = field(default_factory=LorenConfig)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -276,6 +292,10 @@ def check_new_optimizers(zo: ZOConfig) -> None:
                          f"{a.adam_eps}")
     if not 0 <= zo.hizoo.smooth <= 1:
         raise ValueError(f"zo.hizoo.smooth must be in [0, 1], got {zo.hizoo.smooth}")
+    lo = zo.loren
+    if lo.num_queries < 2 or lo.damping <= 0 or lo.lr_cov < 0 or not 0 <= lo.momentum < 1:
+        raise ValueError("zo.loren needs num_queries >= 2 (RLOO), damping > 0, lr_cov >= 0, 0 <= momentum < 1; "
+                         f"got {lo.num_queries}, {lo.damping}, {lo.lr_cov}, {lo.momentum}")
 
 
 def compute_dtype(model: ModelConfig) -> str:

@@ -44,7 +44,7 @@ def replay(base: str, run: Path, out: Path, steps: int = 0) -> dict:
     from zofsdp.checkpoint import check_model, model_signature
     from zofsdp.metrics import setup_logging
     from zofsdp.models import load_tokenizer
-    from zofsdp.optim import build_optimizer
+    from zofsdp.optim import build_optimizer, param_shapes
     from zofsdp.parallel.none import NoneBackend
     from zofsdp.saving import save_sharded
 
@@ -62,7 +62,8 @@ def replay(base: str, run: Path, out: Path, steps: int = 0) -> dict:
                 hint=f"--base must be the model the run started from ({header['config']['model']['name_or_path']})")
     model.register_forward_pre_hook(_no_forward)
     optimizer = build_optimizer(cfg.zo, backend.shards(), cfg.train.seed, backend.device, blocks=backend.blocks(),
-                                probe=backend.probe, rounding=cfg.model.update_rounding)
+                                probe=backend.probe, rounding=cfg.model.update_rounding,
+                                all_reduce=backend.all_reduce_sum, shapes=param_shapes(backend))
     start = time.perf_counter()
     with torch.no_grad():
         for record in records:

@@ -19,7 +19,7 @@ from zofsdp.config import RunConfig, save_config
 from zofsdp.errors import UserError
 from zofsdp.metrics import MetricsLog, setup_logging
 from zofsdp.models import load_tokenizer
-from zofsdp.optim import build_optimizer
+from zofsdp.optim import build_optimizer, param_shapes
 from zofsdp.parallel import Backend, build_backend
 from zofsdp.scoring import Batch, encode, loss_and_correct
 from zofsdp.seedlog import SeedLogWriter
@@ -182,7 +182,8 @@ def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
     is_main = backend.rank == 0
     optimizer = build_optimizer(cfg.zo, backend.shards(), cfg.train.seed, backend.device,
                                 blocks=backend.blocks(), probe=getattr(backend, "probe", None),
-                                rounding=cfg.model.update_rounding)
+                                rounding=cfg.model.update_rounding, all_reduce=backend.all_reduce_sum,
+                                shapes=param_shapes(backend))
     resumed = checkpoint.resume(session, optimizer)  # None: a fresh start
     state = resumed or checkpoint.TrainerState()
     metrics, seeds = _open_logs(session, optimizer, fresh=resumed is None)

@@ -1,8 +1,9 @@
-"""BSZO, BSZO-B, ZO-Adam and HiZOO give the same trajectory on `none`, FSDP2 (2 and 3 ranks, uneven
+"""BSZO, BSZO-B, ZO-Adam, HiZOO and LOREN give the same trajectory on `none`, FSDP2 (2 and 3 ranks, uneven
 shards) and DeepSpeed ZeRO-3 (flat partitions that cut rows, the last one padded).
 
 BSZO's posterior is computed from the all-reduced losses on every rank; ZO-Adam's moments and HiZOO's
-diagonal Hessian are sharded like the parameters. Launches are the cost here (20-60 s each on 2 cores):
+diagonal Hessian are sharded like the parameters;
+LOREN's column sums are all-reduced once per step. Launches are the cost here (20-60 s each on 2 cores):
 one reference per optimizer, and the layouts spread over the optimizers (each layout was also run with
 every optimizer once, when they were written: docs/optimizers.md).
 """
@@ -20,6 +21,7 @@ LAYOUTS = {
     "bszo_b": [("deepspeed", 2)],
     "zo_adam": [("deepspeed", 3)],
     "hizoo": [("fsdp2", 2)],
+    "loren": [("deepspeed", 2)],  # its one all-reduce of column sums over partitions that cut rows
 }
 
 

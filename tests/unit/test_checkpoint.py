@@ -136,7 +136,7 @@ def _loss(shards: list[Shard], step: int, calls: list[int]) -> float:
 
 
 @pytest.mark.parametrize(("name", "dtype"), [
-    *[(n, torch.float32) for n in ("mezo", "curvzo", "adalezo", "bszo", "bszo_b", "zo_adam", "hizoo")],
+    *[(n, torch.float32) for n in ("mezo", "curvzo", "adalezo", "bszo", "bszo_b", "zo_adam", "hizoo", "loren")],
     ("curvzo", torch.bfloat16)])
 def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name, dtype):
     """bf16: probes go through a Probe (no shard is perturbed), updates round stochastically: replay too."""
@@ -145,7 +145,8 @@ def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name, dtype):
     cfg = ZOConfig(optimizer=name, lr=1e-2, eps=1e-3, noise="gaussian", chunk_numel=1024, weight_decay=0.1)
     probe = (lambda: Probe()) if dtype != torch.float32 else (lambda: None)
     trained, records, skipped = _shards(dtype=dtype), [], 0
-    opt = build_optimizer(cfg, trained, seed=7, probe=probe())
+    shapes = {s.name: (s.full_numel // 100, 100) for s in trained}  # read by LOREN only
+    opt = build_optimizer(cfg, trained, seed=7, probe=probe(), shapes=shapes)
     for step in range(1, 9):
         losses, calls = [], [0]
 
@@ -157,7 +158,7 @@ def test_replay_of_the_logged_losses_rebuilds_the_weights_bitwise(name, dtype):
         records.append(seedlog.Record(step, tuple(losses)))
     assert skipped == 2
     replayed = _shards(dtype=dtype)
-    again = build_optimizer(cfg, replayed, seed=7, probe=probe())
+    again = build_optimizer(cfg, replayed, seed=7, probe=probe(), shapes=shapes)
     assert not all(torch.equal(a.data, b.data) for a, b in zip(trained, replayed))  # training moved them
     for record in records:
         again.step(_oracle(record), record.step)

@@ -145,12 +145,13 @@ def contenders(cfg, session) -> dict:
     """name -> object with `.step(loss_fn, step)`: each registered optimizer, MeZO on the noise table and
     on one noise thread, and the reference MeZO step (on its own copy of the model: it replaces `p.data`, which would leave
     our shards pointing at dead storage)."""
-    from zofsdp.optim import OPTIMIZERS, build_optimizer
+    from zofsdp.optim import OPTIMIZERS, build_optimizer, param_shapes
 
     backend = session.backend
     out = {}
     for name in OPTIMIZERS:
-        out[name] = build_optimizer(replace(cfg.zo, optimizer=name), backend.shards(), 0, backend.device)
+        out[name] = build_optimizer(replace(cfg.zo, optimizer=name), backend.shards(), 0, backend.device,
+                                    all_reduce=backend.all_reduce_sum, shapes=param_shapes(backend))
     if "mezo" in OPTIMIZERS:
         table = replace(cfg.zo, optimizer="mezo", noise="table")
         out["mezo" + TABLE_SUFFIX] = build_optimizer(table, backend.shards(), 0, backend.device)

@@ -108,7 +108,7 @@ def worker(args) -> int:
     import time
 
     from zofsdp.measure.common import median, run_config
-    from zofsdp.optim import build_optimizer
+    from zofsdp.optim import build_optimizer, param_shapes
     from zofsdp.scoring import encode
     from zofsdp.train import global_loss, setup
 
@@ -133,7 +133,8 @@ def worker(args) -> int:
         out["forward"] = {"s": time.perf_counter() - start, **counter.bytes,
                           "other_calls": counter.calls["other"]}
         for name in spec["optimizers"]:
-            optimizer = build_optimizer(replace(cfg.zo, optimizer=name), backend.shards(), 0, backend.device)
+            optimizer = build_optimizer(replace(cfg.zo, optimizer=name), backend.shards(), 0, backend.device,
+                                        all_reduce=backend.all_reduce_sum, shapes=param_shapes(backend))
             optimizer.step(loss_fn, 1)
             counter.reset()
             times = []

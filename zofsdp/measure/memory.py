@@ -157,7 +157,7 @@ def _measure_rank(session, optimizers: list[str], num_steps: int, seq_len: int) 
     import psutil
 
     from zofsdp.measure.tracker import make_tracker, measure_inference, measure_optimizer
-    from zofsdp.optim import build_optimizer
+    from zofsdp.optim import build_optimizer, param_shapes
     from zofsdp.train import global_loss
 
     backend, cfg = session.backend, session.cfg
@@ -181,7 +181,8 @@ def _measure_rank(session, optimizers: list[str], num_steps: int, seq_len: int) 
         _reset_cuda(cuda)
         def build(zo=zo):
             return build_optimizer(zo, backend.shards(), cfg.train.seed, backend.device, blocks=backend.blocks(),
-                                   probe=getattr(backend, "probe", None), rounding=cfg.model.update_rounding)
+                                   probe=getattr(backend, "probe", None), rounding=cfg.model.update_rounding,
+                                   all_reduce=backend.all_reduce_sum, shapes=param_shapes(backend))
 
         m = measure_optimizer(tracker, name, build, forward, num_steps)
         out["optimizers"][name] = _optimizer_dict(m, inference.total)

@@ -154,7 +154,7 @@ def simulate(model_json: str | Path, world_size: int, dtype: str = "bf16", seq_l
 
 def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int, optimizers, base_cfg) -> dict:
     """Inference and ZO steps of the fake model, with the same measurement code as a real run."""
-    from zofsdp.optim import build_optimizer
+    from zofsdp.optim import build_optimizer, param_shapes
     from zofsdp.scoring import loss_and_correct
 
     batch = synthetic_batch(vocab_size, rows, seq_len)
@@ -179,7 +179,8 @@ def _measure(model, backend, fake_mode, vocab_size: int, rows: int, seq_len: int
         cfg = dataclasses.replace(base_cfg, optimizer=name)
 
         def build(cfg=cfg):
-            opt = build_optimizer(cfg, shards, 0, "cpu", blocks=blocks, probe=backend.probe)
+            opt = build_optimizer(cfg, shards, 0, "cpu", blocks=blocks, probe=backend.probe,
+                                  all_reduce=backend.all_reduce_sum, shapes=param_shapes(backend))
             opt.noise.plan = _sampled_plan(opt.noise)
             return opt
 

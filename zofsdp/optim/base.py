@@ -22,7 +22,7 @@ LossFn = Callable[[], float]
 class ZOOptimizer:
     def __init__(self, shards: list[Shard], cfg: ZOConfig, seed: int, device: torch.device | str = "cpu",
                  blocks: list[tuple[str, int, str]] | None = None, probe: Probe | None = None,
-                 rounding: str = "stochastic"):
+                 rounding: str = "stochastic", all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if not shards:
             raise ValueError("no parameters to optimize on this rank")
         low = sorted({str(s.data.dtype) for s in shards if s.data.dtype in LOW_PRECISION})
@@ -31,6 +31,9 @@ class ZOOptimizer:
                              "not restore them): build the optimizer with the backend's probe")
         self.probe = probe
         """Set: probes go to the gathered parameters through the backend's hooks, never to the shards."""
+        self.all_reduce = all_reduce or (lambda t: t)
+        """Sums a tensor over ranks in place (the backend's all_reduce_sum; LOREN's column sums); identity
+        on one process. Everything else an optimizer needs from other ranks comes through the losses."""
         self.shards = shards
         # (name, full numel, group) of every parameter, identical on every rank: samplers index blocks by
         # it, since a rank's shards can miss a tensor it owns no rows of. Default: what the shards show.
