@@ -6,7 +6,10 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 
 def setup_logging(rank: int) -> None:
@@ -45,3 +48,31 @@ class MetricsLog:
 def read_metrics(path: Path | str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class ForwardTimer:
+    """Time spent in forwards: host time on CPU; on a GPU, CUDA events read after the step (reading them
+    at once would add the very sync that PendingLoss avoids)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: list = []
+
+    def __enter__(self):
+        start = torch.cuda.Event(enable_timing=True) if self.cuda else time.perf_counter()
+        if self.cuda:
+            start.record()
+        self.spans.append([start, None])
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+        else:
+            end = time.perf_counter()
+        self.spans[-1][1] = end
+
+    def seconds(self) -> float:
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in self.spans) / 1000  # elapsed_time waits for b
+        return sum(b - a for a, b in self.spans)

@@ -81,3 +81,53 @@ def loss_and_correct(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     loss = F.cross_entropy(scores, batch.labels, reduction="none").double().sum()
     correct = (scores.argmax(dim=1) == batch.labels).sum()
     return loss, correct
+
+
+class PendingLoss:
+    """A global batch's mean loss still on the device; its first use as a number reads it (one sync).
+
+    Why: on a GPU, an optimizer that calls loss_fn() for ℓ₊, perturbs by −2εz and calls it again for ℓ₋
+    then queues both probes' noise passes and forwards before it waits for either loss, instead of
+    stalling the device between them. Optimizers need not know: it acts as the float it holds
+    (arithmetic, comparisons, math.isfinite, formatting).
+    """
+
+    __slots__ = ("_totals", "_rows", "_value")
+    __hash__ = None  # equal to a float by value, but not one: keep it out of sets and dict keys
+
+    def __init__(self, totals: torch.Tensor, rows: int):
+        self._totals, self._rows, self._value = totals, rows, None
+
+    def __float__(self) -> float:
+        if self._value is None:
+            self._value = self._totals[0].item() / self._rows
+            self._totals = None
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"PendingLoss({float(self)!r})"
+
+    def __format__(self, spec: str) -> str:
+        return format(float(self), spec)
+
+    def __neg__(self): return -float(self)
+    def __abs__(self): return abs(float(self))
+    def __add__(self, other): return float(self) + float(other)
+    def __radd__(self, other): return float(other) + float(self)
+    def __sub__(self, other): return float(self) - float(other)
+    def __rsub__(self, other): return float(other) - float(self)
+    def __mul__(self, other): return float(self) * float(other)
+    def __rmul__(self, other): return float(other) * float(self)
+    def __truediv__(self, other): return float(self) / float(other)
+    def __rtruediv__(self, other): return float(other) / float(self)
+    def __eq__(self, other): return float(self) == float(other)
+    def __ne__(self, other): return float(self) != float(other)
+    def __lt__(self, other): return float(self) < float(other)
+    def __le__(self, other): return float(self) <= float(other)
+    def __gt__(self, other): return float(self) > float(other)
+    def __ge__(self, other): return float(self) >= float(other)
+
+
+def as_floats(record: dict) -> dict:
+    """`record` with every PendingLoss read (what goes to metrics.jsonl and the seed log)."""
+    return {k: float(v) if isinstance(v, PendingLoss) else v for k, v in record.items()}

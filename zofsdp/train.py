@@ -17,11 +17,11 @@ from tqdm import tqdm
 from zofsdp import checkpoint, seedlog
 from zofsdp.config import RunConfig, save_config
 from zofsdp.errors import UserError
-from zofsdp.metrics import MetricsLog, setup_logging
+from zofsdp.metrics import ForwardTimer, MetricsLog, setup_logging
 from zofsdp.models import load_tokenizer
 from zofsdp.optim import build_optimizer, param_shapes
 from zofsdp.parallel import Backend, build_backend
-from zofsdp.scoring import Batch, encode, loss_and_correct
+from zofsdp.scoring import Batch, PendingLoss, as_floats, encode, loss_and_correct
 from zofsdp.seedlog import SeedLogWriter
 from zofsdp.tasks import Example, Splits, get_task, sample_splits
 
@@ -123,15 +123,27 @@ def local_rows(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
 @torch.no_grad()
 def global_loss(session: Session, batch: Batch) -> tuple[float, float]:
     """(mean loss, accuracy) of a global batch: each rank scores its rows, two scalars are all-reduced."""
+    totals = enqueue_loss(session, *local_batch(session, batch)).tolist()
+    return totals[0] / len(batch), totals[1] / len(batch)
+
+
+def local_batch(session: Session, batch: Batch) -> tuple[Batch, float]:
+    """This rank's rows of a global batch, on its device, and their weight in the global sums (0 for a
+    rank with no rows: it still runs a forward, since sharded layers gather collectively)."""
     backend = session.backend
     lo, hi = local_rows(len(batch), backend.rank, backend.world_size)
     weight = 1.0
-    if hi == lo:  # more ranks than rows: run a forward anyway (sharded layers gather collectively)
+    if hi == lo:
         lo, hi, weight = 0, 1, 0.0
-    loss, correct = loss_and_correct(session.model, batch.rows(lo, hi).to(backend.device))
-    totals = torch.stack([loss * weight, correct.double() * weight])
-    totals = backend.all_reduce_sum(totals).tolist()
-    return totals[0] / len(batch), totals[1] / len(batch)
+    return batch.rows(lo, hi).to(backend.device), weight
+
+
+@torch.no_grad()
+def enqueue_loss(session: Session, rows: Batch, weight: float) -> torch.Tensor:
+    """Forward and all-reduce, nothing read back: [summed loss, correct rows] over the global batch, a
+    float64 tensor on the device (on a GPU the work is only queued when this returns)."""
+    loss, correct = loss_and_correct(session.model, rows)
+    return session.backend.all_reduce_sum(torch.stack([loss * weight, correct.double() * weight]))
 
 
 def evaluate(session: Session, examples: list[Example]) -> dict:
@@ -194,21 +206,21 @@ def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
     progress = _progress(cfg.train.steps, is_main, initial=state.step)
     for step in range(state.step + 1, cfg.train.steps + 1):
         batch = encode(session.tokenizer, next(data), cfg.model.max_length)
-        forward_s, losses = [0.0], []
+        rows, weight = local_batch(session, batch)  # on the device once, before any probe
+        timer, losses = ForwardTimer(backend.device), []
 
-        def loss_fn() -> float:
-            start = time.perf_counter()
-            loss, _ = global_loss(session, batch)
-            forward_s[0] += time.perf_counter() - start
+        def loss_fn() -> PendingLoss:
+            with timer:
+                loss = PendingLoss(enqueue_loss(session, rows, weight), len(batch))
             totals["tokens"] += batch.num_tokens
-            losses.append(loss)  # the seed log: these floats and the seed determine the step
+            losses.append(loss)  # the seed log: these losses and the seed determine the step
             return loss
 
         start = time.perf_counter()
         with torch.no_grad():
-            record = optimizer.step(loss_fn, step)
+            record = as_floats(optimizer.step(loss_fn, step))
         step_s = time.perf_counter() - start
-        seeds.append(step, losses)
+        seeds.append(step, [float(x) for x in losses])
         skipped = bool(record.pop("skipped", False))
         skips_in_a_row = skips_in_a_row + 1 if skipped else 0
         totals["skipped_steps"] += skipped
@@ -220,7 +232,7 @@ def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
             log.warning("step %d: non-finite loss, update skipped (%d so far)", step, totals["skipped_steps"])
         totals["forward_passes"] += record.pop("forward_passes")
         totals["wall_s"] += step_s
-        totals["forward_s"] += forward_s[0]
+        totals["forward_s"] += timer.seconds()
         if step % cfg.train.log_every == 0 or skipped:
             metrics.log({"step": step, **record, **totals, "step_s": step_s, "skipped": skipped})
         progress.update(1)

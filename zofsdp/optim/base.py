@@ -1,7 +1,8 @@
 """What every ZO optimizer shares: the shards it may edit, the noise, and the loss oracle.
 
 An optimizer never sees the model or the backend. `loss_fn()` runs one forward pass of the whole global
-batch (each rank its slice) and returns the mean loss, already all-reduced: the same float on every rank.
+batch (each rank its slice) and returns the mean loss, already all-reduced: the same float on every rank
+(in training a `scoring.PendingLoss`, read on first use, so read a loss only once every probe is queued).
 Everything an optimizer decides from it is therefore identical on every rank without further traffic.
 """
 
