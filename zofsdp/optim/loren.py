@@ -118,7 +118,7 @@ class Loren(ZOOptimizer):
         weights = [f - mean for f in losses]
         for k, w in enumerate(weights):  # the code's order: θ and m with the current a, then a
             self.update_pass((step, k), w, cols)
-        return {**record, "loss": mean, "projected_grad": weights[0] / eps}
+        return {**record, "loss": mean, "projected_grad": weights[0] / eps}  # logged only: w_1/ε
 
     def _beta_p(self, name: str, colsum: torch.Tensor) -> tuple[tuple[float, float, float], float, float]:
         """((s, r, β), βp, p) for the current a."""
