@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from zofsdp.noise import Shard, mix_seed
+from zofsdp.noise import Shard, block_id, mix_seed
 from zofsdp.optim.base import LossFn, ZOOptimizer
 
 
@@ -63,13 +63,8 @@ class Loren(ZOOptimizer):
 
     def _init_a(self, name: str) -> torch.Tensor:
         """randn(in) as the code, from our seed and the tensor's name (the same on every rank)."""
-        g = torch.Generator(device="cpu").manual_seed(mix_seed(self.seed, 0x10AE, self._block(name)))
+        g = torch.Generator(device="cpu").manual_seed(mix_seed(self.seed, 0x10AE, block_id(name)))
         return torch.randn(self.width[name], generator=g, dtype=torch.float32).to(self.noise.device)
-
-    def _block(self, name: str) -> int:
-        from zofsdp.noise import block_id
-
-        return block_id(name)
 
     def _rows(self, name: str) -> int:
         return math.prod(self.shapes[name]) // self.width[name]
