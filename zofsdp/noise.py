@@ -144,20 +144,14 @@ def round_to(x: torch.Tensor, dtype: torch.dtype, key: int, start: int, rounding
     word = sr_word(key, torch.arange(start, start + x.numel(), device=x.device))
     bits = x.view(torch.int32).to(torch.int64)
     if dtype == torch.bfloat16:
-        out = _fp32_from_bits((bits + (word >> 16)) & ~0xFFFF)
+        out = philox.fp32_from_bits((bits + (word >> 16)) & ~0xFFFF)
         return out.to(torch.bfloat16)  # exact: the low 16 bits are zero
     if dtype != torch.float16:
         raise ValueError(f"stochastic rounding to {dtype} is not defined")
-    normal = _fp32_from_bits((bits + (word >> 19)) & ~0x1FFF)
+    normal = philox.fp32_from_bits((bits + (word >> 19)) & ~0x1FFF)
     scaled = x * 2.0**24  # exact (a power of two)
     sub = torch.floor(scaled + (word >> 16).to(torch.float32) * 2.0**-16) * 2.0**-24
     return torch.where(x.abs() < 2.0**-14, sub, normal).to(torch.float16)
-
-
-def _fp32_from_bits(bits: torch.Tensor) -> torch.Tensor:
-    """int64 holding a 32-bit pattern (carries past bit 31 dropped) -> fp32."""
-    bits = bits & _M32
-    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
 
 
 @dataclass(slots=True)

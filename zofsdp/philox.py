@@ -16,7 +16,7 @@ Definition (the project's own, so a Triton release cannot change it):
   (u1 > 0); |z| <= sqrt(48 ln 2) = 5.77. Integers are exact everywhere; the fp32 log/sqrt/cos/sin differ by
   ulps between libraries, so the kernel agrees with this reference to ~1e-6, not bitwise.
 - Stochastic rounding of low-precision updates: issue 10's rule (noise.round_to), a 32-bit hash of
-  (mix_seed(z's key, SR_TAG), global index), restated in `round_stochastic`.
+  (mix_seed(z's key, SR_TAG), global index), used through `round_stochastic`.
 
 Speed on CPU is modest (tens of ns per element, see docs/performance.md); memory is bounded by the caller,
 which asks for one chunk of indices at a time.
@@ -102,40 +102,19 @@ def round_bf16_nearest(x: torch.Tensor) -> torch.Tensor:
     Triton's interpreter truncates float casts where CUDA rounds to nearest."""
     bits = x.view(torch.int32).to(torch.int64)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF
-    return _as_fp32(bits)
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """noise._hash32 (2-round xorshift-multiply); multipliers < 2^31 keep products below 2^63."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & M32
-    return x ^ (x >> 15)
-
-
-def sr_word(key: int, index: torch.Tensor) -> torch.Tensor:
-    """32 rounding bits per global index: hash(hash(i ^ k0) ^ k1) (the rule of noise.sr_word)."""
-    k0, k1 = split_key(key)
-    return _hash32(_hash32(index ^ k0) ^ k1)
+    return fp32_from_bits(bits)
 
 
 def round_stochastic(x: torch.Tensor, dtype: torch.dtype, key: int, start: int) -> torch.Tensor:
-    """fp32 x (global indices start, start+1, ...) stochastically rounded to bf16 or fp16, kept in fp32.
+    """fp32 x (global indices start, start+1, ...) stochastically rounded to bf16 or fp16, kept in fp32:
+    noise.round_to's rule, the one definition that the chunked path, this oracle and (restated in Triton)
+    the kernels share."""
+    from zofsdp.noise import round_to
 
-    Add random bits below the target's last mantissa bit of x's pattern and truncate (E[result] = x);
-    fp16 subnormals (|x| < 2^-14) round x·2^24 up with probability frac(x·2^24). The same rule as
-    noise.round_to for issue 10's chunked path, restated here so the kernels' oracle stands alone."""
-    word = sr_word(key, torch.arange(start, start + x.numel(), device=x.device))
-    bits = x.view(torch.int32).to(torch.int64)
-    if dtype == torch.bfloat16:
-        return _as_fp32((bits + (word >> 16)) & ~0xFFFF)
-    normal = _as_fp32((bits + (word >> 19)) & ~0x1FFF)
-    sub = torch.floor(x * 2.0**24 + (word >> 16).to(torch.float32) * 2.0**-16) * 2.0**-24
-    return torch.where(x.abs() < 2.0**-14, sub, normal)
+    return round_to(x, dtype, key, start).float()
 
 
-def _as_fp32(bits: torch.Tensor) -> torch.Tensor:
+def fp32_from_bits(bits: torch.Tensor) -> torch.Tensor:
     """int64 holding a 32-bit pattern (possibly with carries past bit 31 for negatives) -> fp32."""
     bits = bits & M32
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
