@@ -131,6 +131,20 @@ class AdaLeZOConfig:
     """EMA discount of the rewards (weight of the old reward)."""
     max_weight: float = 10.0
     """Clip of the inverse-probability weight c/(k p); 0 disables the clip (unbiased)."""
+    preset: Literal["", "public"] = ""
+    """`public`: the public AdaLeZOTrainer's rules (k = max(1, ⌊ρN⌋), reward |Δ| in an EMA from 0, update weight
+    min(1/(k p), clip)·c) and its argument defaults for every field above left at our default:
+    ρ 0.1, γ 0.01, τ 0.1, α 0.9, clip 10 (its run script: ρ 0.2, τ 0.2, clip 32)."""
+
+    def __post_init__(self) -> None:
+        if self.preset == "public":  # fill only what was left at our default, so the script's values can be set
+            for name, value in PUBLIC_ADALEZO.items():
+                if getattr(self, name) == AdaLeZOConfig.__dataclass_fields__[name].default:
+                    setattr(self, name, value)
+
+
+PUBLIC_ADALEZO = {"rho": 0.1, "gamma": 0.01, "tau": 0.1, "alpha": 0.9, "max_weight": 10.0}
+"""The public AdaLeZOTrainer's argument defaults (adalezo_k_ratio, _gamma, _tau, 1 − _ema_alpha, _ipw_clip)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.unit.sparse_problems import Quadratic, chi_square, estimates, zo_config
@@ -78,3 +79,53 @@ def test_undrawn_layers_are_untouched_and_generate_no_noise():
         assert record["keep_fraction"] == int(drawn.sum()) / 8
         for d, old, new in zip(drawn.tolist(), before, problem.params):
             assert torch.equal(old, new) != d
+
+
+def test_public_preset_fills_the_fields_left_at_our_defaults():
+    public = AdaLeZOConfig(preset="public")
+    assert (public.rho, public.gamma, public.tau, public.alpha, public.max_weight) == (0.1, 0.01, 0.1, 0.9, 10.0)
+    script = AdaLeZOConfig(preset="public", rho=0.2, tau=0.2, max_weight=32.0)  # the public run script
+    assert (script.rho, script.tau, script.max_weight, script.gamma) == (0.2, 0.2, 32.0, 0.01)
+    assert bandit(preset="public").k == 1  # max(1, int(0.1 · 8)); ours would take ceil(0.8) = 1 too
+    assert bandit(10, preset="public", rho=0.35).k == 3 and bandit(10, rho=0.35).k == 4  # int vs ceil of 3.5
+    assert bandit(10, preset="public", rho=0.25).k == 1  # rho left at our default: the preset's 0.1 applies
+
+
+def test_public_reward_is_abs_delta_in_an_ema_from_zero():
+    b = bandit(preset="public")
+    counts = torch.zeros(8, dtype=torch.int64)
+    counts[2] = 1
+    b.update(counts, b.reward(-2.0))
+    assert b.rewards[2].item() == pytest.approx(0.1 * 2.0) and b.rewards[0].item() == 0.0
+    b.update(counts, b.reward(3.0))
+    assert b.rewards[2].item() == pytest.approx(0.9 * 0.2 + 0.1 * 3.0)
+    assert bandit().reward(-2.0) == 4.0  # ours: Δ²
+
+
+def test_public_weight_formula_and_its_expected_gain():
+    """w = min(1/(k p), clip)·c, so E[w] = min(1, clip·k·p): low-probability arms are down-weighted ∝ p."""
+    b = bandit(preset="public", rho=0.5)  # k = 4, τ = 0.1
+    b.rewards = torch.linspace(0.0, 1.0, 8, dtype=torch.float64)
+    b.num_drawn += 1
+    probs = b.probs()
+    counts = torch.tensor([0, 1, 2, 0, 0, 0, 1, 0])
+    expected = [min(1 / (4 * p), 10.0) * c for p, c in zip(probs.tolist(), counts.tolist())]
+    assert b.weights(counts, probs).tolist() == pytest.approx(expected, rel=1e-12)
+    num = 20000
+    mean = sum(b.weights(b.draw(probs, step), probs) for step in range(num)) / num
+    gain = (10.0 * 4 * probs).clamp(max=1.0)
+    assert float(gain.min()) < 0.5 and float(gain.max()) == 1.0  # the clip binds on some arms, not all
+    se = (gain * 10.0 / num).sqrt()  # Poisson-like count noise of w ≤ clip·c, a generous bound
+    assert ((mean - gain).abs() <= 4 * se + 1e-3).all(), (mean.tolist(), gain.tolist())
+    twice = torch.tensor([2, 0, 0, 0, 0, 0, 0, 0])  # a rare arm drawn twice: public clips, then counts
+    assert b.weights(twice, probs)[0].item() == 20.0 and bandit(rho=0.5).weights(twice, probs)[0].item() == 10.0
+
+
+def test_public_preset_steps_on_a_quadratic():
+    problem = Quadratic([2] * 6, [0.5**i for i in range(6)])
+    opt = AdaLeZO(problem.shards, zo_config(lr=0.05, adalezo=AdaLeZOConfig(preset="public", rho=0.34)), seed=0)
+    start = problem.loss()
+    for step in range(1, 400):
+        record = opt.step(problem.loss, step)
+        assert record["num_layers_drawn"] <= 2  # k = int(0.34 · 6) = 2
+    assert problem.loss() < 0.5 * start

@@ -21,9 +21,15 @@ Details the paper leaves open, and what we chose (docs/optimizers.md has the rea
   otherwise get w ≈ N/(γ·k) and one noisy Δ could throw its layer far off. The clip is a bias (the clipped
   arm is under-weighted) traded for bounded variance; turn it off for the unbiased estimator.
 
+`adalezo.preset=public` follows the public AdaLeZOTrainer instead, for faithfulness comparisons: k = max(1, ⌊ρN⌋),
+reward |Δ| in an EMA that starts at 0 for every arm (unseen arms are not lifted to the mean), and the clip on
+1/(k·p) before multiplying by c: w_l = min(1/(k·p_l), clip)·c_l. Its expected weight is E[w_l] = min(1, clip·k·p_l)
+(E c_l = k p_l), so arms with p_l < 1/(clip·k) are under-weighted in proportion to p_l: a layer preconditioner
+that favours high-reward layers, not an unbiased estimate. It resamples every step (the code's interval 1).
+
 Plug-in: `LayerBandit` holds nothing but the arms' rewards and the seeded draw; another optimizer can draw
 arms from it, perturb only those layers, scale its per-layer estimate by `weights(counts)` and feed the
-squared projected gradient back with `update`. AdaLeZO is that recipe applied to MeZO.
+reward of its projected gradient (`reward`) back with `update`. AdaLeZO is that recipe applied to MeZO.
 """
 
 from __future__ import annotations
@@ -47,14 +53,15 @@ class LayerBandit:
         self.seed = seed
         self.units = build_units(blocks, "layer")
         n = len(self.units.names)
-        self.k = math.ceil(cfg.rho * n)
+        self.public = cfg.preset == "public"
+        self.k = max(1, int(cfg.rho * n)) if self.public else math.ceil(cfg.rho * n)
         self.rewards = torch.zeros(n, dtype=torch.float64)
         self.num_drawn = torch.zeros(n, dtype=torch.int64)
 
     def probs(self) -> torch.Tensor:
         r = self.rewards.clone()
         seen = self.num_drawn > 0
-        if bool(seen.any()):
+        if bool(seen.any()) and not self.public:
             r[~seen] = r[seen].mean()
         top = float(r.max())
         r = r / top if top > 0 else torch.zeros_like(r)
@@ -67,12 +74,20 @@ class LayerBandit:
         return torch.bincount(picks, minlength=probs.numel())
 
     def weights(self, counts: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        w = counts.double() / (self.k * probs)
-        return w.clamp(max=self.cfg.max_weight) if self.cfg.max_weight > 0 else w
+        clip = self.cfg.max_weight if self.cfg.max_weight > 0 else math.inf
+        if self.public:  # clip one draw's weight, then count the draws
+            return (1 / (self.k * probs)).clamp(max=clip) * counts.double()
+        return (counts.double() / (self.k * probs)).clamp(max=clip)
+
+    def reward(self, projected_grad: float) -> float:
+        return abs(projected_grad) if self.public else projected_grad * projected_grad
 
     def update(self, counts: torch.Tensor, reward: float) -> None:
+        """EMA of the drawn arms' rewards; ours lets an arm's first reward replace its zero start, public does not."""
         drawn = counts > 0
         first, again = drawn & (self.num_drawn == 0), drawn & (self.num_drawn > 0)
+        if self.public:
+            first, again = torch.zeros_like(drawn), drawn
         self.rewards[first] = reward
         self.rewards[again] = self.cfg.alpha * self.rewards[again] + (1 - self.cfg.alpha) * reward
         self.num_drawn += drawn.long()
@@ -107,7 +122,7 @@ class AdaLeZO(ZOOptimizer):
             return {"loss": float("nan"), "projected_grad": float("nan"), **record, "skipped": True}
         g = (loss_plus - loss_minus) / (2 * eps)
         self.restore_and_update(drawn, key, eps, lambda s: g * weight[units.unit_of[s.name]])
-        self.bandit.update(counts, g * g)
+        self.bandit.update(counts, self.bandit.reward(g))
         return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, **record}
 
     def state_dict(self) -> dict:
