@@ -69,6 +69,8 @@ class TrainConfig:
     """Global batch: split across ranks, the mean loss all-reduced."""
     eval_every: int = 0
     """Evaluate every N steps; 0 = only before and after training."""
+    eval_steps: list[int] = field(default_factory=list)
+    """Also evaluate after these steps, e.g. [5, 10, 20, 40] for dense early points on a learning curve."""
     eval_batch_size: int = 32
     seed: int = 0
     output_dir: str = "runs/default"
@@ -340,6 +342,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in typing.get_args(tp):
             raise ValueError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list like [1, 2], got {value!r}")
+        return [_coerce(item, typing.get_args(tp)[0], key) for item in value]
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true/false, got {value!r}")

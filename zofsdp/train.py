@@ -239,7 +239,8 @@ def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
         progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{result['eval_accuracy']:.3f}")
         if is_main and cfg.train.dump_state_every and step % cfg.train.dump_state_every == 0:
             _dump_state(optimizer, out / "optimizer_state" / f"step_{step:06d}.json")
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+        every = cfg.train.eval_every and step % cfg.train.eval_every == 0
+        if (every or step in cfg.train.eval_steps) and step < cfg.train.steps:
             result = _evaluate_and_log(session, metrics, step)
         stopping = stop.requested(backend)  # every rank stops after the same step
         if stopping or checkpoint.due(cfg, step):
