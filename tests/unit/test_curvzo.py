@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from tests.unit.sparse_problems import Quadratic, chi_square, estimates, zo_config
 
+from tests.unit.sparse_problems import Quadratic, chi_square, estimates, zo_config
 from zofsdp.config import CurvZOConfig
 from zofsdp.optim.curvzo import CurvZO
 from zofsdp.optim.mezo import MeZO
@@ -20,7 +20,7 @@ def test_ht_estimate_is_unbiased():
     """Mean of ĝ over 1500 draws vs ∇L: χ² over d = 12 coordinates below d + 5·√(2d) ≈ 36.5 (the
     Monte-Carlo tolerance). The same draws without the 1/π weights must fail it (the test has power)."""
     problem = Quadratic([2] * 6, GEOMETRIC)
-    cfg = zo_config(lr=1.0, curvzo=CurvZOConfig(budget_init=0.3, adaptive_budget=False))
+    cfg = zo_config(lr=1.0, curvzo=CurvZOConfig(budget_init=0.3, adaptive_budget=False, max_weight=0))
     opt = CurvZO(problem.shards, cfg, seed=0)
     probs = []
     draws = estimates(opt, problem, 1500, on_step=lambda o: probs.append(o.keep_probs().repeat_interleave(2)))
@@ -41,17 +41,16 @@ def test_curvature_sampling_beats_uniform_at_equal_budget():
     −7 % to −10 % per seed (±3 % Monte-Carlo); pooled over two seeds we ask for −6 %.
 
     Not the Euclidean MSE: with Gaussian z that one is no better than uniform (docs/optimizers.md)."""
-    cfg = zo_config(lr=1.0, curvzo=CurvZOConfig(budget_init=0.3, adaptive_budget=False))
-    errors = {"curvzo": 0.0, "uniform": 0.0}
+    errors = {"ema": 0.0, "uniform": 0.0}
     for name in errors:
+        cfg = zo_config(lr=1.0, curvzo=CurvZOConfig(budget_init=0.3, adaptive_budget=False, max_weight=0,
+                                                    score=name))
         for seed in (1, 2):
             problem = Quadratic([2] * 10, [0.5**i for i in range(10)])
             opt = CurvZO(problem.shards, cfg, seed=seed)
-            if name == "uniform":
-                opt.update_scores = lambda *args: None  # scores stay flat: π = budget everywhere
             estimates(opt, problem, 150)  # learn the scores
             errors[name] += h_weighted_error(estimates(opt, problem, 1500, first_step=151), problem)
-    assert errors["curvzo"] < 0.94 * errors["uniform"], errors
+    assert errors["ema"] < 0.94 * errors["uniform"], errors
 
 
 def sized_units(sizes: list[int]):
@@ -72,9 +71,9 @@ def test_probs_within_bounds_and_meet_budget(budget):
 
 def budget_after(scores: list[float], steps: int = 100) -> float:
     problem = Quadratic([4] * len(scores), [1.0] * len(scores))
-    opt = CurvZO(problem.shards, zo_config(curvzo=CurvZOConfig()), seed=0)
-    opt.second_moment = torch.tensor(scores, dtype=torch.float64)
-    opt.num_kept += 1
+    opt = CurvZO(problem.shards, zo_config(curvzo=CurvZOConfig(score="ema")), seed=0)
+    opt.ema.second_moment = torch.tensor(scores, dtype=torch.float64)
+    opt.ema.num_kept += 1
     for _ in range(steps):
         opt.update_budget()
     return opt.budget
@@ -120,9 +119,9 @@ def test_masks_depend_on_the_full_block_list_not_on_local_shards():
         keep = partial.draw_mask(probs, step)
         assert torch.equal(keep, full.draw_mask(full.keep_probs(), step))
         g = full.step(problem.loss, step)["projected_grad"]  # the all-reduced scalar both ranks see
-        partial.update_scores(keep, probs, g)
-        partial.update_budget()
-    assert torch.equal(full.second_moment, partial.second_moment) and full.budget == partial.budget
+        partial.learn(keep, probs, g, step)
+    assert torch.equal(full.energy.gram, partial.energy.gram) and full.budget == partial.budget
+    assert torch.equal(full.keep_probs(), partial.keep_probs())
 
 
 def test_layer_granularity_groups_tensors():
@@ -145,7 +144,7 @@ def test_reaches_target_loss_with_far_less_noise_than_mezo():
     for name, cls in (("mezo", MeZO), ("curvzo", CurvZO)):
         for seed in range(5):
             problem = Quadratic([4] * 10, [0.5**i for i in range(10)])
-            opt = cls(problem.shards, zo_config(lr=0.02), seed=seed)
+            opt = cls(problem.shards, zo_config(lr=0.02, curvzo=CurvZOConfig(score="ema", max_weight=0)), seed=seed)
             target, passes, noise = 0.25 * problem.loss(), 0, 0.0
             for step in range(1, 2001):
                 record = opt.step(problem.loss, step)
@@ -157,3 +156,21 @@ def test_reaches_target_loss_with_far_less_noise_than_mezo():
     mean = {k: [sum(col) / len(col) for col in zip(*v)] for k, v in results.items()}
     assert mean["curvzo"][0] <= 1.25 * mean["mezo"][0], results
     assert mean["curvzo"][1] <= 0.7 * mean["mezo"][1], results
+
+
+def test_uniform_score_is_flat_at_the_budget_unbiased_and_never_learns():
+    """score=uniform (the protocol's uniform-sparse control): π = budget_init on every block, the budget
+    fixed even with adaptive_budget on, ĝ unbiased (χ² as above), and the mean keep_fraction over 1500
+    steps within 4 standard errors of the budget (blocks of unequal size, so it is a parameter fraction)."""
+    sizes = [2, 3, 1, 4, 2, 3]
+    problem = Quadratic(sizes, GEOMETRIC)
+    cfg = zo_config(lr=1.0, curvzo=CurvZOConfig(score="uniform", budget_init=0.3, max_weight=0))
+    opt = CurvZO(problem.shards, cfg, seed=4)
+    fractions = []
+    draws = estimates(opt, problem, 1500, on_step=lambda o: fractions.append(
+        float((o.units.sizes * o.draw_mask(o.keep_probs(), len(fractions) + 1)).sum()) / o.units.total))
+    assert torch.equal(opt.keep_probs(), torch.full((6,), 0.3, dtype=torch.float64)) and opt.budget == 0.3
+    d = draws.shape[1]
+    assert chi_square(draws, problem.grad()) < d + 5 * math.sqrt(2 * d)
+    f = torch.tensor(fractions, dtype=torch.float64)
+    assert abs(float(f.mean()) - 0.3) < 4 * float(f.std()) / math.sqrt(f.numel())

@@ -35,9 +35,11 @@ import torch
 
 from zofsdp.noise import Shard
 from zofsdp.optim.base import LossFn, ZOOptimizer
+from zofsdp.optim.block_stats import EmaScores, MaskRegression, ReleasedRule
 from zofsdp.optim.sampling import BlockSpec, budgeted_probs, build_units, concentration, generator
 
 MASK_TAG = 0xC0_2F  # mixes into the mask generator's seed so masks never reuse the noise's streams
+FLOOR = 1e-6  # curv_ratio: estimates below this fraction of the largest count as this (noise, not zero)
 
 
 class CurvZO(ZOOptimizer):
@@ -45,46 +47,79 @@ class CurvZO(ZOOptimizer):
                  **precision):
         super().__init__(shards, cfg, seed, device, blocks=blocks, **precision)
         self.c = cfg.curvzo
-        self.units = build_units(self.blocks, self.c.granularity)
+        released = self.c.preset == "released"
+        self.units = build_units(self.blocks, "tensor" if released else self.c.granularity)
         num = len(self.units.names)
-        self.second_moment = torch.zeros(num, dtype=torch.float64)
-        """F_b: EMA of the per-coordinate score while b was kept (0 until first kept)."""
-        self.num_kept = torch.zeros(num, dtype=torch.int64)
-        self.budget = self.c.budget_init
+        self.energy = MaskRegression(num, self.c.forget)
+        """Δ² regressed on the masks: Ĝ_b = ‖g_b‖² (+ minibatch variance)."""
+        self.curvature = MaskRegression(num, self.c.forget)
+        """(ℓ₊ + ℓ₋ − 2ℓ₀)/ε² regressed on the masks: tr H_b (only fed when curvature_every > 0)."""
+        self.ema = EmaScores(num, self.c)
+        self.released = ReleasedRule(num, self.units.sizes) if released else None
+        self.budget = self.released.k / num if released else self.c.budget_init
 
     # ------------------------------------------------------------------ decisions (identical on all ranks)
+    def g_hat(self) -> torch.Tensor:
+        return self.energy.estimate().clamp_min(0)
+
     def scores(self) -> torch.Tensor:
-        """S: normalised scores; blocks never kept borrow the mean of the others (uniform at the start)."""
-        f = self.second_moment.clone()
-        seen = self.num_kept > 0
-        if not bool(seen.any()) or float(f[seen].sum()) <= 0:
-            return torch.full_like(f, 1.0 / f.numel())
-        f[~seen] = f[seen].mean()
-        return f / f.sum()
+        """S, normalised, with π ∝ √S under the budget (flat when nothing is learned yet)."""
+        if self.released is not None:
+            s = self.released.score
+        elif self.c.score == "ema":
+            s = self.ema.scores()
+        elif self.c.score == "uniform":
+            s = torch.ones(len(self.units.names), dtype=torch.float64)
+        elif self.c.sampling == "curv_ratio" and not self.curvature.empty:
+            s = self.curv_ratio()
+        else:
+            s = self.g_hat()
+        if float(s.sum()) <= 0:
+            s = torch.ones_like(s)
+        return s / s.sum()
+
+    def curv_ratio(self) -> torch.Tensor:
+        """tr H_b / G_b, both floored at FLOOR × their maximum (a negative or tiny estimate is noise)."""
+        h, g = self.curvature.estimate(), self.g_hat()
+        if float(h.max()) <= 0 or float(g.max()) <= 0:
+            return g
+        return h.clamp_min(FLOOR * float(h.max())) / g.clamp_min(FLOOR * float(g.max()))
 
     def keep_probs(self) -> torch.Tensor:
+        if self.released is not None:
+            return self.released.probs()
         return budgeted_probs(self.scores().sqrt(), self.units.sizes, self.budget, self.c.pi_min)
+
+    def update_weights(self, probs: torch.Tensor) -> list[float]:
+        """Per unit: budget^(α−1)·min(π^(−α), max_weight); α = 1 is the HT weight 1/π, unbiased without clip.
+        For α < 1, E ĝ_b = π_b^(1−α)·g_b, so at uniform π = q the step shrinks by q^(1−α): the factor q^(α−1)
+        gives it back, and one lr serves every α (review §2, F1)."""
+        if self.released is not None:
+            return (1.0 / probs).tolist()
+        a = self.c.weight_power
+        w = probs.pow(-a)
+        if self.c.max_weight:
+            w = w.clamp_max(self.c.max_weight)
+        return (w * self.budget ** (a - 1)).tolist()
 
     def draw_mask(self, probs: torch.Tensor, step: int) -> torch.Tensor:
         u = torch.rand(probs.numel(), dtype=torch.float64, generator=generator(self.seed, step, MASK_TAG))
         return u < probs
 
-    def update_scores(self, keep: torch.Tensor, probs: torch.Tensor, projected_grad: float) -> None:
-        scale = probs.square() if self.c.score_scaling == "ht" else torch.ones_like(probs)
-        score = projected_grad**2 / scale
-        first = keep & (self.num_kept == 0)
-        again = keep & (self.num_kept > 0)
-        f = self.second_moment
-        f[first] = score[first]
-        f[again] = self.c.ema * f[again] + (1 - self.c.ema) * score[again]
-        seen = (self.num_kept > 0) | keep
-        if self.c.unkept_decay and bool(seen.any()):
-            stale = ~keep & seen
-            f[stale] += self.c.unkept_decay * (f[seen].mean() - f[stale])
-        self.num_kept += keep.long()
+    def learn(self, keep: torch.Tensor, probs: torch.Tensor, projected_grad: float, step: int,
+              curvature: float | None = None) -> None:
+        """Every statistic this step feeds (cheap: O(B²)); which one drives π is `score`."""
+        self.energy.add(keep, projected_grad**2)
+        if curvature is not None:
+            self.curvature.add(keep, curvature)
+        self.ema.update(keep, probs, projected_grad)
+        if self.released is not None:
+            self.released.update(keep, probs, projected_grad, step)
+            self.budget = self.released.k / len(self.units.names)
+        self.update_budget()
 
     def update_budget(self) -> None:
-        if not self.c.adaptive_budget:
+        if not self.c.adaptive_budget or self.c.score == "uniform" or self.released is not None:
             return
         d_eff_ratio, entropy = concentration(self.scores())
         flatness = (d_eff_ratio + entropy) / 2
@@ -103,35 +138,50 @@ class CurvZO(ZOOptimizer):
                   "budget": self.budget, "forward_passes": 2}
         if not bool(keep.any()):  # nothing to probe: ĝ = 0 (still unbiased); one forward for the log
             self.update_budget()
-            return {"loss": loss_fn(), "projected_grad": 0.0, **record, "forward_passes": 1}
+            loss = loss_fn()
+            skipped = {} if self.finite(loss) else {"skipped": True}  # counted like any non-finite step
+            return {"loss": loss, "projected_grad": 0.0, **record, "forward_passes": 1, **skipped}
+        every = self.c.curvature_every
+        loss_zero = loss_fn() if every and step % every == 0 else None  # ℓ₀ at θ, before any perturbation
         self.perturb(kept, key, +eps, names)
         loss_plus = loss_fn()
         self.perturb(kept, key, -2 * eps, names)
         loss_minus = loss_fn()
-        if not self.finite(loss_plus, loss_minus):
+        record["forward_passes"] = 2 + (loss_zero is not None)
+        if not self.finite(loss_plus, loss_minus, 0.0 if loss_zero is None else loss_zero):
             self.perturb(kept, key, +eps, names)  # restore only; scores and budget untouched
             return {"loss": float("nan"), "projected_grad": float("nan"), **record, "skipped": True}
         g = (loss_plus - loss_minus) / (2 * eps)
-        inv_prob = (1.0 / probs).tolist()
-        self.restore_and_update(kept, key, eps, lambda s: g * inv_prob[self.units.unit_of[s.name]])
-        self.update_scores(keep, probs, g)
-        self.update_budget()
+        weights = self.update_weights(probs)
+        self.restore_and_update(kept, key, eps, lambda s: g * weights[self.units.unit_of[s.name]])
+        curvature = None if loss_zero is None else (loss_plus + loss_minus - 2 * loss_zero) / eps**2
+        self.learn(keep, probs, g, step, curvature)
         return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, **record}
 
     def state_dict(self) -> dict:
-        """Per block: normalised score, keep probability for the next step, times kept; and the budget."""
+        """Per block: normalised score, keep probability for the next step, Ĝ, tr Ĥ, the old rule's F_b and
+        times kept; the budget; and everything a resume needs bit for bit (the regressions' normal
+        equations, the released rule's state)."""
         scores, probs = self.scores().tolist(), self.keep_probs().tolist()
-        kept = self.num_kept.tolist()
-        raw = self.second_moment.tolist()  # F_b itself: what a checkpoint must restore (scores are F/ΣF)
-        blocks = {name: {"score": s, "keep_prob": p, "num_kept": k, "second_moment": f}
-                  for name, s, p, k, f in zip(self.units.names, scores, probs, kept, raw)}
-        return {"optimizer": "curvzo", "budget": self.budget, "blocks": blocks}
+        g, h = self.g_hat().tolist(), self.curvature.estimate().tolist()
+        kept, raw = self.ema.num_kept.tolist(), self.ema.second_moment.tolist()
+        blocks = {name: {"score": s, "keep_prob": p, "g_hat": gb, "trace_h": hb, "num_kept": k, "second_moment": f}
+                  for name, s, p, gb, hb, k, f in zip(self.units.names, scores, probs, g, h, kept, raw)}
+        state = {"optimizer": "curvzo", "budget": self.budget, "blocks": blocks,
+                 "energy": self.energy.state_dict(), "curvature": self.curvature.state_dict()}
+        if self.released is not None:
+            state["released"] = self.released.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Back to the state `state_dict` described (a checkpoint): F_b, times kept and the budget, exactly
-        (JSON keeps every bit of a float64)."""
+        """Back to the state `state_dict` described (a checkpoint), exactly (JSON keeps every bit of a
+        float64)."""
         blocks = self.check_state(state, "blocks", self.units.names)
-        self.second_moment = torch.tensor([blocks[n]["second_moment"] for n in self.units.names],
-                                          dtype=torch.float64)
-        self.num_kept = torch.tensor([blocks[n]["num_kept"] for n in self.units.names], dtype=torch.int64)
+        self.ema.second_moment = torch.tensor([blocks[n]["second_moment"] for n in self.units.names],
+                                              dtype=torch.float64)
+        self.ema.num_kept = torch.tensor([blocks[n]["num_kept"] for n in self.units.names], dtype=torch.int64)
+        self.energy.load_state_dict(state["energy"])
+        self.curvature.load_state_dict(state["curvature"])
+        if self.released is not None:
+            self.released.load_state_dict(state["released"])
         self.budget = float(state["budget"])
