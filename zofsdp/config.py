@@ -40,6 +40,12 @@ class ModelConfig:
     (FSDP2 MixedPrecisionPolicy, DeepSpeed torch_autocast, autocast on one process): exact probes."""
     update_rounding: Literal["stochastic", "nearest"] = "stochastic"
     """How updates are rounded into bf16/fp16 shards; nearest drops most updates below half an ulp."""
+    perturb: Literal["auto", "shards", "gathered"] = "auto"
+    """Where a probe's εz goes. `gathered`: forward pre-hooks add it to each gathered (or, on one process,
+    copied) tensor, the shards are never perturbed, so the restore is exact; the price is noise for every
+    gathered tensor on every rank in both forwards (world size × a shard's; docs/memory.md). `shards`: in
+    place, fp32 shards only (after 1,000 probes ~28 % of weights differ by ≤ 1.5e-8). `auto`: gathered for
+    bf16/fp16 shards and for mixed precision, shards otherwise and for hizoo/loren (see IN_PLACE_ONLY)."""
     cache_dir: str = ""
     """Where converted checkpoints are kept; default $ZOFSDP_CACHE or ~/.cache/zofsdp."""
     max_length: int = 256
@@ -115,26 +121,8 @@ class CurvZOConfig:
     """EMA rate of the budget toward its target (weight of the old budget)."""
     adaptive_budget: bool = True
     """Move the budget with the flatness of the scores; false keeps budget_init."""
-    granularity: Literal["tensor", "layer"] = "layer"
+    granularity: Literal["tensor", "layer"] = "tensor"
     """A block is one parameter tensor, or one layer group (`embed`, `layers.<i>`, `head`)."""
-    score: Literal["regression", "ema", "uniform"] = "regression"
-    """How block scores are learned: `regression` estimates G_b = ‖g_b‖² by least squares of Δ² on the masks;
-    `ema` is the old kept-only EMA of Δ²/π² (uninformative: kept for comparison); `uniform` learns nothing,
-    π = budget_init everywhere and the budget fixed (the uniform-sparse control)."""
-    sampling: Literal["sqrt_g", "curv_ratio"] = "sqrt_g"
-    """π_b ∝ √Ĝ_b (`sqrt_g`), or π_b ∝ √(tr H_b / G_b) (`curv_ratio`, needs curvature_every > 0)."""
-    curvature_every: int = 0
-    """K: every K steps a third forward ℓ₀ at θ estimates uᵀHu, regressed on the masks for tr H_b; 0 = off."""
-    weight_power: float = 1.0
-    """α: the update weight is π_b^(−α) (1 = Horvitz–Thompson, unbiased; 0 = no reweighting), times
-    budget^(α−1) so that the lr keeps its meaning across α."""
-    max_weight: float = 5.0
-    """Clip on the update weight π^(−α) (a benign bias that lifts the stable lr); 0 = no clip (unbiased)."""
-    forget: float = 0.999
-    """Forgetting factor of the regressions' accumulated normal equations (window ~1/(1 − forget) steps)."""
-    preset: str = ""
-    """"" (these settings), or `released`: the released CurvZO code's rules (tensor units, budget counted in
-    tensors, π ∝ score by Poisson-PPS, block-total energy score, its budget rule) for faithfulness runs."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -280,7 +268,7 @@ class RunConfig:
 
 def check(cfg: RunConfig) -> None:
     """Cross-field validation; each message says what to change."""
-    check_precision(cfg.model, cfg.parallel.backend)
+    check_precision(cfg.model, cfg.zo.optimizer)
     if cfg.train.steps < 0:
         raise ValueError(f"train.steps must be >= 0, got {cfg.train.steps}")
     if cfg.train.batch_size < 1:
@@ -303,28 +291,12 @@ def check(cfg: RunConfig) -> None:
     if not (0 <= c.ema < 1 and 0 <= c.budget_ema < 1 and 0 <= c.unkept_decay <= 1):
         raise ValueError("zo.curvzo needs 0 <= ema < 1, 0 <= budget_ema < 1 and 0 <= unkept_decay <= 1, got "
                          f"{c.ema}, {c.budget_ema}, {c.unkept_decay}")
-    check_curvzo_rules(c)
     a = cfg.zo.adalezo
     if not (0 < a.rho <= 1 and 0 <= a.gamma <= 1 and a.tau > 0 and 0 <= a.alpha < 1):
         raise ValueError("zo.adalezo needs 0 < rho <= 1, 0 <= gamma <= 1, tau > 0, 0 <= alpha < 1")
     if a.max_weight < 0 or 0 < a.max_weight < 1:
         raise ValueError(f"zo.adalezo.max_weight must be 0 (no clip) or >= 1, got {a.max_weight}")
     check_new_optimizers(cfg.zo)
-
-
-def check_curvzo_rules(c: CurvZOConfig) -> None:
-    """CurvZO's score, curvature and weight settings (issue 14)."""
-    if c.curvature_every < 0 or c.weight_power not in (0.0, 0.5, 1.0):
-        raise ValueError("zo.curvzo needs curvature_every >= 0 and weight_power in {0, 0.5, 1}; got "
-                         f"{c.curvature_every}, {c.weight_power}")
-    if not (c.max_weight == 0 or c.max_weight >= 1) or not 0 < c.forget <= 1:
-        raise ValueError(f"zo.curvzo needs max_weight 0 (no clip) or >= 1 and 0 < forget <= 1; got "
-                         f"{c.max_weight}, {c.forget}")
-    if c.preset not in ("", "released"):
-        raise ValueError(f"zo.curvzo.preset must be '' or 'released', got {c.preset!r}")
-    if c.sampling == "curv_ratio" and c.curvature_every == 0:
-        raise ValueError("zo.curvzo.sampling=curv_ratio needs zo.curvzo.curvature_every > 0 (tr H_b comes "
-                         "from the third forward ℓ₀)")
 
 
 def check_new_optimizers(zo: ZOConfig) -> None:
@@ -353,18 +325,33 @@ def compute_dtype(model: ModelConfig) -> str:
     return model.compute_dtype or model.dtype
 
 
-def check_precision(model: ModelConfig, backend: str) -> None:
+IN_PLACE_ONLY = ("hizoo", "loren")
+"""Optimizers whose probe is not a plain εz (z/√H, ε(u − βp·a)) scaled by state sharded like the weights:
+a gathered probe cannot apply it, so they perturb fp32 shards in place."""
+
+
+def perturbs_gathered(model: ModelConfig, optimizer: str = "mezo") -> bool:
+    """Whether probes go to the gathered parameters (model.perturb resolved; see ModelConfig.perturb)."""
+    if model.perturb != "auto":
+        return model.perturb == "gathered"
+    if model.dtype != "float32":
+        return True
+    return compute_dtype(model) != model.dtype and optimizer not in IN_PLACE_ONLY
+
+
+def check_precision(model: ModelConfig, optimizer: str = "mezo") -> None:
     """The precision modes that exist: same dtype for both, or fp32 shards with low-precision compute."""
     compute = compute_dtype(model)
     if compute != model.dtype and model.dtype != "float32":
         raise ValueError(f"model.compute_dtype={compute} with model.dtype={model.dtype}: only float32 shards "
                          "can compute in another dtype (mixed precision); set compute_dtype to "
                          f"{model.dtype} or model.dtype to float32")
-    if model.dtype != "float32" and backend == "deepspeed":
-        raise ValueError(f"model.dtype={model.dtype} with parallel.backend=deepspeed: bf16/fp16 shards are "
-                         "supported on fsdp2 and none only (their probes go to the gathered parameters); "
-                         f"use model.dtype=float32 model.compute_dtype={model.dtype} (fp32 partitions, "
-                         f"{model.dtype} gathers) or parallel.backend=fsdp2")
+    if model.perturb == "shards" and model.dtype != "float32":
+        raise ValueError(f"model.perturb=shards with model.dtype={model.dtype}: +εz, −2εz, +εz in place does not "
+                         "restore bf16/fp16 shards; use model.perturb=auto (probes on the gathered copy)")
+    if model.perturb == "gathered" and optimizer in IN_PLACE_ONLY:
+        raise ValueError(f"model.perturb=gathered with zo.optimizer={optimizer}: its probe is scaled by state "
+                         "sharded like the weights, so it needs model.perturb=shards (or auto) and fp32 shards")
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -102,9 +102,10 @@ def test_fp32_shards_after_1000_probe_cycles():
     assert drift.max() < 1e-7 and drift.pow(2).mean().sqrt() < 3e-9
 
 
-@pytest.mark.parametrize("dtype", LOW)
-def test_low_precision_shards_are_never_perturbed(dtype):
-    """With a probe the shards stay bit-identical through 1,000 cycles; in place they are refused."""
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])  # float32: mixed precision's fp32 shards
+def test_shards_behind_a_probe_are_exact_after_1000_probe_cycles(dtype):
+    """With a probe (model.perturb=gathered, the default for mixed and bf16/fp16) the shards stay bit-identical
+    through 1,000 cycles, while every forward saw the perturbation: the restore error is exactly 0."""
     theta = weights(1 << 16, dtype)
     before = theta.clone()
     probe = Probe()
@@ -119,9 +120,13 @@ def test_low_precision_shards_are_never_perturbed(dtype):
 
     for step in range(1000):
         opt.step(loss, step)
-    assert torch.equal(theta, before) and all(seen) and not probe.active
+    assert torch.equal(theta, before) and len(seen) == 2000 and all(seen) and not probe.active
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_shards_in_place_are_refused(dtype):
     with pytest.raises(ValueError, match="cannot be perturbed in place"):
-        MeZO(vector_shards(theta), ZOConfig(), seed=0)
+        MeZO(vector_shards(weights(16, dtype)), ZOConfig(), seed=0)
 
 
 def test_in_place_bf16_probes_drift():
@@ -165,9 +170,34 @@ def test_precision_modes_that_do_not_exist_are_refused(overrides, message):
         RunConfig(model=ModelConfig(**overrides))
 
 
-def test_deepspeed_refuses_low_precision_shards():
+@pytest.mark.parametrize(("dtype", "compute", "perturb", "optimizer", "gathered"), [
+    ("float32", "", "auto", "mezo", False),           # fp32: in place, as always
+    ("float32", "bfloat16", "auto", "mezo", True),    # mixed: gathered, exact restore
+    ("float32", "bfloat16", "auto", "hizoo", False),  # its probe is z/√H with H sharded: in place
+    ("float32", "bfloat16", "shards", "mezo", False),
+    ("float32", "", "gathered", "mezo", True),
+    ("bfloat16", "", "auto", "mezo", True),
+    ("float16", "", "auto", "loren", True),           # (loren itself then refuses the probe)
+])
+def test_where_probes_go(dtype, compute, perturb, optimizer, gathered):
+    from zofsdp.config import perturbs_gathered
+
+    model = ModelConfig(dtype=dtype, compute_dtype=compute, perturb=perturb)
+    assert perturbs_gathered(model, optimizer) is gathered
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"model": ModelConfig(dtype="bfloat16", perturb="shards")}, "does not restore bf16/fp16 shards"),
+    ({"model": ModelConfig(compute_dtype="bfloat16", perturb="gathered"), "zo": ZOConfig(optimizer="hizoo")},
+     "needs model.perturb=shards"),
+])
+def test_impossible_perturb_settings_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        RunConfig(**overrides)
+
+
+def test_deepspeed_takes_every_precision_mode():
     from zofsdp.config import ParallelConfig
 
-    with pytest.raises(ValueError, match="fsdp2 and none only"):
-        RunConfig(model=ModelConfig(dtype="bfloat16"), parallel=ParallelConfig(backend="deepspeed"))
-    RunConfig(model=ModelConfig(compute_dtype="bfloat16"), parallel=ParallelConfig(backend="deepspeed"))
+    for model in (ModelConfig(dtype="bfloat16"), ModelConfig(dtype="float16"), ModelConfig(compute_dtype="bfloat16")):
+        RunConfig(model=model, parallel=ParallelConfig(backend="deepspeed"))

@@ -28,7 +28,8 @@ from torch import nn
 
 from zofsdp.config import ModelConfig, RunConfig
 from zofsdp.parallel.base import Backend, init_distributed
-from zofsdp.parallel.precision import autocast_forward
+from zofsdp.optim.probe import Probe
+from zofsdp.parallel.precision import autocast_forward, dtypes, gathered_probes, probe_deepspeed
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +173,16 @@ def tiny_checkpoint(cfg: ModelConfig, vocab_size: int) -> Path:
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
+    probe: Probe | None = None
+    """Set when probes go to the gathered parameters (bf16/fp16 partitions, mixed; model.perturb)."""
+
     def __init__(self, cfg: RunConfig) -> None:
         _set_environment()
         import deepspeed
 
         self.ds_config = deepspeed_config(cfg)  # a config that cannot work fails here, before any collective
+        self.store_dtype, self.compute_dtype = dtypes(cfg)
+        self.gathered = gathered_probes(cfg) or self.store_dtype != torch.float32
         self.rank, self.world_size, self.device = init_distributed(cfg.parallel.timeout_minutes)
         # Wraps the process group made above (deepspeed's comm layer must know it before initialize).
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
@@ -223,6 +229,9 @@ class DeepSpeedBackend(Backend):
         autocast = self.ds_config.get("torch_autocast", {})
         if autocast.get("enabled"):  # the engine's forward would enter it; we call the module directly
             autocast_forward(engine.module, getattr(torch, autocast["dtype"]), self.device)
+        if self.gathered:  # after initialize: our hooks run after ZeRO-3's gather and release hooks
+            self.probe = Probe()
+            probe_deepspeed(engine.module, self.probe)
         # Forwards call the module itself: ZeRO-3's gather/release hooks live on its submodules, and the
         # engine's own forward adds only autocast (refused above) and backward hooks (no backward here).
         # The module also keeps `.config` the Hugging Face config (the engine's is DeepSpeed's).

@@ -13,17 +13,20 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from zofsdp.models import decoder_layers
 from zofsdp.optim.probe import Probe
 from zofsdp.parallel.base import Backend, init_distributed
-from zofsdp.parallel.precision import dtypes, probe_fsdp2_units
+from zofsdp.parallel.precision import dtypes, gathered_probes, probe_fsdp2_units
 
 
 class FSDP2Backend(Backend):
     name = "fsdp2"
 
     probe: Probe | None = None
-    """Set when the shards are bf16/fp16: the optimizer's probes go to the gathered parameters."""
+    """Set when probes go to the gathered parameters (bf16/fp16 shards, mixed; model.perturb)."""
+    gathered = False
+    """model.perturb resolved (zofsdp.config.perturbs_gathered); bf16/fp16 shards always use the probe."""
 
     def __init__(self, cfg=None) -> None:
         self.store_dtype, self.compute_dtype = dtypes(cfg)
+        self.gathered = gathered_probes(cfg)
         timeout = cfg.parallel.timeout_minutes if cfg is not None else 60.0
         self.rank, self.world_size, self.device = init_distributed(timeout)
 
@@ -39,8 +42,8 @@ class FSDP2Backend(Backend):
             return model
         self._remember(model)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        # Mixed precision: the shards stay fp32 (updates and exact probes), each is cast to the compute
-        # dtype before its all-gather, so traffic and gathered copies are those of a bf16 model.
+        # Mixed precision: the shards stay fp32 (updates), each is cast to the compute dtype before its
+        # all-gather, so traffic and gathered copies are those of a bf16 model.
         mp = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         layers = decoder_layers(model)
         for layer in layers:
@@ -48,7 +51,7 @@ class FSDP2Backend(Backend):
         # The root (embeddings, final norm, lm head) must reshard too: left unsharded after a forward,
         # edits to its shards would be silently ignored by the next forward.
         fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
-        if self.store_dtype != torch.float32:  # bf16/fp16 shards: probes go to the gathered copies
+        if self.gathered or self.store_dtype != torch.float32:  # probes go to the gathered copies
             self.probe = Probe()
             probe_fsdp2_units(model, layers, self.probe)
         self.model = model

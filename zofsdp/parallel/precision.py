@@ -1,12 +1,15 @@
-"""Precision modes, as the backends apply them (docs/memory.md, "Precision modes").
+"""Precision modes, and where the probes go, as the backends apply them (docs/memory.md, "Precision modes").
 
-- fp32 shards, fp32 compute: today's exact in-place probes.
-- fp32 shards, bf16/fp16 compute (mixed): the shards stay fp32 and are perturbed in place exactly as in
-  fp32; only the forward runs in the low dtype. FSDP2 casts each shard before its all-gather
-  (`MixedPrecisionPolicy`), DeepSpeed gathers Linear weights in the low dtype (`torch_autocast`), one
-  process runs the forward under `torch.autocast`.
-- bf16/fp16 shards: probes are applied to the gathered parameters by forward pre-hooks
-  (zofsdp.optim.probe); the shards only receive the stochastically rounded update.
+- fp32 shards, fp32 compute: in-place probes on the shards (model.perturb=auto), the old exact-to-a-bit path.
+- fp32 shards, bf16/fp16 compute (mixed): the shards stay fp32 and receive the updates; only the forward
+  runs in the low dtype. FSDP2 casts each shard before its all-gather (`MixedPrecisionPolicy`), DeepSpeed
+  gathers Linear weights in the low dtype (`torch_autocast`), one process runs the forward under
+  `torch.autocast`. Probes go to the gathered copies (below), so the shards come back bit for bit.
+- bf16/fp16 shards: probes on the gathered copies too; the shards only receive the stochastically rounded
+  update.
+"Gathered" probes (zofsdp.optim.probe) are added by forward pre-hooks: on FSDP2 to each unit's unsharded
+parameters, on DeepSpeed to each module's gathered parameters, on one process to a copy swapped in for the
+module's forward. model.perturb=shards keeps fp32 shards perturbed in place (HiZOO and LOREN need it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,16 @@ def dtypes(cfg) -> tuple[torch.dtype, torch.dtype]:
     model = getattr(cfg, "model", cfg)
     store = getattr(torch, model.dtype)
     return store, getattr(torch, model.compute_dtype or model.dtype)
+
+
+def gathered_probes(cfg) -> bool:
+    """Whether cfg (a RunConfig or ModelConfig; None = fp32 in place) sends probes to the gathered parameters."""
+    if cfg is None:
+        return False
+    from zofsdp.config import perturbs_gathered
+
+    zo = getattr(cfg, "zo", None)  # a bare ModelConfig: MeZO's plain εz
+    return perturbs_gathered(getattr(cfg, "model", cfg), zo.optimizer if zo else "mezo")
 
 
 def autocast_forward(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
@@ -93,3 +106,41 @@ def probe_by_swapping(model: nn.Module, probe: Probe) -> None:
 
         module.register_forward_pre_hook(pre)
         module.register_forward_hook(post)
+
+
+def probe_deepspeed(model: nn.Module, probe: Probe) -> None:
+    """Hooks on every module of a ZeRO-3 model that add the probe to its parameters once they are gathered.
+    Register after deepspeed.initialize: ours then run after ZeRO-3's fetch (pre) and release (post) hooks.
+
+    A parameter can stay gathered from one module to the next (a tied embedding reused by the lm head
+    within ZeRO-3's max_reuse_distance), so each gathered tensor is perturbed once: `carried` remembers
+    the ones that hold the probe until ZeRO-3 releases them. On one rank ZeRO-3 does not gather: the
+    parameter's data is its partition, so the probe goes to a copy (freed by the release)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    names = canonical_names(model)
+    carried: dict[int, tuple[nn.Parameter, int]] = {}  # id -> (parameter, data_ptr of the perturbed copy)
+
+    def forget_released(*_) -> None:
+        for key, (p, ptr) in list(carried.items()):
+            if p.ds_status == ZeroParamStatus.NOT_AVAILABLE or p.data.data_ptr() != ptr:
+                del carried[key]
+
+    def pre(mod, args, own):
+        forget_released()
+        if not probe.active:
+            return
+        for p in own:
+            name = names[id(p)]
+            if id(p) in carried or name not in probe.names:
+                continue
+            if p.data.untyped_storage().data_ptr() == p.ds_tensor.untyped_storage().data_ptr():
+                p.data = p.data.clone()  # one rank: never perturb the partition itself
+            probe.apply(name, p.data)
+            carried[id(p)] = (p, p.data.data_ptr())
+
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own:
+            module.register_forward_pre_hook(lambda mod, args, own=own: pre(mod, args, own))
+        module.register_forward_hook(lambda mod, args, output: forget_released())
