@@ -121,8 +121,26 @@ class CurvZOConfig:
     """EMA rate of the budget toward its target (weight of the old budget)."""
     adaptive_budget: bool = True
     """Move the budget with the flatness of the scores; false keeps budget_init."""
-    granularity: Literal["tensor", "layer"] = "tensor"
+    granularity: Literal["tensor", "layer"] = "layer"
     """A block is one parameter tensor, or one layer group (`embed`, `layers.<i>`, `head`)."""
+    score: Literal["regression", "ema", "uniform"] = "regression"
+    """How block scores are learned: `regression` estimates G_b = ‖g_b‖² by least squares of Δ² on the masks;
+    `ema` is the old kept-only EMA of Δ²/π² (uninformative: kept for comparison); `uniform` learns nothing,
+    π = budget_init everywhere and the budget fixed (the uniform-sparse control)."""
+    sampling: Literal["sqrt_g", "curv_ratio"] = "sqrt_g"
+    """π_b ∝ √Ĝ_b (`sqrt_g`), or π_b ∝ √(tr H_b / G_b) (`curv_ratio`, needs curvature_every > 0)."""
+    curvature_every: int = 0
+    """K: every K steps a third forward ℓ₀ at θ estimates uᵀHu, regressed on the masks for tr H_b; 0 = off."""
+    weight_power: float = 1.0
+    """α: the update weight is π_b^(−α) (1 = Horvitz–Thompson, unbiased; 0 = no reweighting), times
+    budget^(α−1) so that the lr keeps its meaning across α."""
+    max_weight: float = 5.0
+    """Clip on the update weight π^(−α) (a benign bias that lifts the stable lr); 0 = no clip (unbiased)."""
+    forget: float = 0.999
+    """Forgetting factor of the regressions' accumulated normal equations (window ~1/(1 − forget) steps)."""
+    preset: str = ""
+    """"" (these settings), or `released`: the released CurvZO code's rules (tensor units, budget counted in
+    tensors, π ∝ score by Poisson-PPS, block-total energy score, its budget rule) for faithfulness runs."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -291,12 +309,28 @@ def check(cfg: RunConfig) -> None:
     if not (0 <= c.ema < 1 and 0 <= c.budget_ema < 1 and 0 <= c.unkept_decay <= 1):
         raise ValueError("zo.curvzo needs 0 <= ema < 1, 0 <= budget_ema < 1 and 0 <= unkept_decay <= 1, got "
                          f"{c.ema}, {c.budget_ema}, {c.unkept_decay}")
+    check_curvzo_rules(c)
     a = cfg.zo.adalezo
     if not (0 < a.rho <= 1 and 0 <= a.gamma <= 1 and a.tau > 0 and 0 <= a.alpha < 1):
         raise ValueError("zo.adalezo needs 0 < rho <= 1, 0 <= gamma <= 1, tau > 0, 0 <= alpha < 1")
     if a.max_weight < 0 or 0 < a.max_weight < 1:
         raise ValueError(f"zo.adalezo.max_weight must be 0 (no clip) or >= 1, got {a.max_weight}")
     check_new_optimizers(cfg.zo)
+
+
+def check_curvzo_rules(c: CurvZOConfig) -> None:
+    """CurvZO's score, curvature and weight settings (issue 14)."""
+    if c.curvature_every < 0 or c.weight_power not in (0.0, 0.5, 1.0):
+        raise ValueError("zo.curvzo needs curvature_every >= 0 and weight_power in {0, 0.5, 1}; got "
+                         f"{c.curvature_every}, {c.weight_power}")
+    if not (c.max_weight == 0 or c.max_weight >= 1) or not 0 < c.forget <= 1:
+        raise ValueError(f"zo.curvzo needs max_weight 0 (no clip) or >= 1 and 0 < forget <= 1; got "
+                         f"{c.max_weight}, {c.forget}")
+    if c.preset not in ("", "released"):
+        raise ValueError(f"zo.curvzo.preset must be '' or 'released', got {c.preset!r}")
+    if c.sampling == "curv_ratio" and c.curvature_every == 0:
+        raise ValueError("zo.curvzo.sampling=curv_ratio needs zo.curvzo.curvature_every > 0 (tr H_b comes "
+                         "from the third forward ℓ₀)")
 
 
 def check_new_optimizers(zo: ZOConfig) -> None:
