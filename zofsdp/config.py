@@ -235,6 +235,31 @@ class LorenConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class DiZOConfig:
+    """DiZO (zofsdp/optim/dizo.py): MeZO plus a periodic projection toward the pre-trained weights. Defaults
+    from the authors' dizo.sh and trainer.py (Skilteee/DiZO); the README's grid in the docstrings."""
+
+    interval: int = 50
+    """Project after every `interval`-th step (code: hard-coded 50; README grid 50/100/200/400)."""
+    search_iters: int = 10
+    """ZO iterations of the γ search per projection, 2 forwards each (code: max_iters = 10; a third-party
+    reading of the paper says 5)."""
+    probe_eps: float = 0.1
+    """ε_p: the perturbation of γ (dizo.sh `zo_eps_projection` 0.1; grid 0.1/0.05)."""
+    proj_lr: float = 2.0
+    """η_p: step size of γ, scaled by t (dizo.sh `step_size_projection` 2.0; grid 2.0/1.0)."""
+    radius: float = 0.2
+    """τ: γ stays in [(1 − τ)t, (1 + τ)t] and z in ±(τ/ε_p)t (dizo.sh `clip_range` 0.2; grid 0.1/0.2/0.3);
+    below 0.5 so that no probe reaches the anchor."""
+    targets: list[str] = field(default_factory=lambda: ["self_attn.k_proj.weight", "self_attn.v_proj.weight"])
+    """Projected tensors: those whose name contains one of these (the code's OPT full fine-tuning: K and V;
+    a third-party reading says Q and V). Only these have an anchor."""
+    new_batches: bool = True
+    """Each search iteration scores a training batch of its own (the code's), drawn from (seed, step, k);
+    false re-uses the step's batch."""
+
+
+@dataclass(kw_only=True, slots=True)
 class ZOConfig:
     optimizer: str = "mezo"
     """One of `zofsdp.optim.OPTIMIZERS`."""
@@ -260,6 +285,7 @@ class ZOConfig:
     zo_adam: ZOAdamConfig = field(default_factory=ZOAdamConfig)
     hizoo: HiZOOConfig = field(default_factory=HiZOOConfig)
     loren: LorenConfig = field(default_factory=LorenConfig)
+    dizo: DiZOConfig = field(default_factory=DiZOConfig)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -348,6 +374,12 @@ def check_new_optimizers(zo: ZOConfig) -> None:
                          f"{a.adam_eps}")
     if not 0 <= zo.hizoo.smooth <= 1:
         raise ValueError(f"zo.hizoo.smooth must be in [0, 1], got {zo.hizoo.smooth}")
+    d = zo.dizo
+    if d.interval < 1 or d.search_iters < 0 or d.probe_eps <= 0 or d.proj_lr < 0 or not 0 < d.radius < 0.5:
+        raise ValueError("zo.dizo needs interval >= 1, search_iters >= 0, probe_eps > 0, proj_lr >= 0 and "
+                         f"0 < radius < 0.5; got {d.interval}, {d.search_iters}, {d.probe_eps}, {d.proj_lr}, {d.radius}")
+    if not d.targets:
+        raise ValueError("zo.dizo.targets is empty: name at least one tensor to project (e.g. k_proj.weight)")
     lo = zo.loren
     if lo.num_queries < 2 or lo.damping <= 0 or lo.lr_cov < 0 or not 0 <= lo.momentum < 1:
         raise ValueError("zo.loren needs num_queries >= 2 (RLOO), damping > 0, lr_cov >= 0, 0 <= momentum < 1; "

@@ -104,16 +104,18 @@ def _usable(header: dict, records: list[seedlog.Record], steps: int) -> list[see
 
 
 def _oracle(record: seedlog.Record):
-    """loss_fn for one step: the logged losses, in the order training's forwards returned them."""
-    losses = iter(record.losses)
+    """loss_fn for one step: the logged floats, in the order training's forwards returned them (and its
+    `decide` took them: DiZO's projection factors come back as the run decided them)."""
+    values = iter(record.losses)
 
-    def loss_fn() -> float:
+    def loss_fn(batch: int = 0) -> float:
         try:
-            return next(losses)
+            return next(values)
         except StopIteration:
             raise RuntimeError(f"step {record.step}: the optimizer asked for more losses than the "
                                f"{len(record.losses)} logged; the log does not match this zofsdp") from None
 
+    loss_fn.decide = lambda decided: [loss_fn() for _ in decided]
     return loss_fn
 
 

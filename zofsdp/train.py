@@ -174,6 +174,19 @@ def batches(examples: list[Example], batch_size: int, seed: int, skip: int = 0):
         epoch, skip = epoch + 1, 0
 
 
+def extra_batch(session: Session, step: int, k: int, cache: dict) -> tuple[Batch, Batch, float]:
+    """(global batch, this rank's rows, weight) of `step`'s k-th extra batch: train.batch_size examples drawn
+    from the training set by (seed, step, k), the same on every rank and apart from the steps' own stream
+    (so a run that never asks for one sees exactly the batches it saw before). Cached for the step."""
+    if k not in cache:
+        cfg = session.cfg
+        rng = random.Random(f"extra-batch/{cfg.train.seed}/{step}/{k}")  # str seeds ignore PYTHONHASHSEED
+        examples = rng.sample(session.splits.train, min(cfg.train.batch_size, len(session.splits.train)))
+        encoded = encode(session.tokenizer, examples, cfg.model.max_length)
+        cache[k] = (encoded, *local_batch(session, encoded))
+    return cache[k]
+
+
 def held_out(session: Session) -> list[Example]:
     return session.splits.eval if session.cfg.data.eval_split == "eval" else session.splits.dev
 
@@ -205,16 +218,20 @@ def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
     totals, skips_in_a_row = state.totals, state.skips_in_a_row
     progress = _progress(cfg.train.steps, is_main, initial=state.step)
     for step in range(state.step + 1, cfg.train.steps + 1):
-        batch = encode(session.tokenizer, next(data), cfg.model.max_length)
-        rows, weight = local_batch(session, batch)  # on the device once, before any probe
-        timer, losses = ForwardTimer(backend.device), []
+        encoded = encode(session.tokenizer, next(data), cfg.model.max_length)
+        rows, weight = local_batch(session, encoded)  # on the device once, before any probe
+        timer, losses, extra = ForwardTimer(backend.device), [], {}
 
-        def loss_fn() -> PendingLoss:
+        def loss_fn(batch: int = 0) -> PendingLoss:
+            """The step's batch, or (batch = k >= 1) the step's k-th extra batch (DiZO's search)."""
+            b, r, w = (encoded, rows, weight) if batch == 0 else extra_batch(session, step, batch, extra)
             with timer:
-                loss = PendingLoss(enqueue_loss(session, rows, weight), len(batch))
-            totals["tokens"] += batch.num_tokens
+                loss = PendingLoss(enqueue_loss(session, r, w), len(b))
+            totals["tokens"] += b.num_tokens
             losses.append(loss)  # the seed log: these losses and the seed determine the step
             return loss
+
+        loss_fn.decide = lambda values: losses.extend(values) or values  # logged after the losses so far
 
         start = time.perf_counter()
         with torch.no_grad():

@@ -15,6 +15,7 @@ OPTIMIZERS = {
     "zo_adam": "zofsdp.optim.zo_adam:ZOAdam",
     "hizoo": "zofsdp.optim.hizoo:HiZOO",
     "loren": "zofsdp.optim.loren:Loren",
+    "dizo": "zofsdp.optim.dizo:DiZO",
 }
 
 

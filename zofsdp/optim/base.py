@@ -4,6 +4,8 @@ An optimizer never sees the model or the backend. `loss_fn()` runs one forward p
 batch (each rank its slice) and returns the mean loss, already all-reduced: the same float on every rank
 (in training a `scoring.PendingLoss`, read on first use, so read a loss only once every probe is queued).
 Everything an optimizer decides from it is therefore identical on every rank without further traffic.
+`loss_fn(batch=k)` (k >= 1) scores this step's k-th extra batch instead, drawn by the trainer from the seed,
+the step and k (DiZO's search); `decide(loss_fn, floats)` puts floats decided from the losses in the seed log.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from zofsdp.config import ZOConfig
 from zofsdp.noise import LOW_PRECISION, Noise, Shard, default_threads
 from zofsdp.optim.probe import Probe
 
-LossFn = Callable[[], float]
+LossFn = Callable[..., float]
+
+
+def decide(loss_fn: LossFn, values: list[float]) -> list[float]:
+    """`values`, floats the optimizer decided from the losses (DiZO's projection factors), logged after the
+    losses so far: training's oracle logs them and returns them, replay's returns the logged ones (a
+    replayed sharded run applies the run's own bits). Oracles without `decide` (toys) return `values`."""
+    hook = getattr(loss_fn, "decide", None)
+    return hook(values) if hook is not None else values
 
 
 class ZOOptimizer:
