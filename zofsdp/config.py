@@ -391,8 +391,8 @@ def compute_dtype(model: ModelConfig) -> str:
     return model.compute_dtype or model.dtype
 
 
-IN_PLACE_ONLY = ("hizoo", "loren")
-"""Optimizers whose probe is not a plain εz (z/√H, ε(u − βp·a)) scaled by state sharded like the weights:
+IN_PLACE_ONLY = ("hizoo", "loren", "dizo")
+"""Optimizers whose probe is not a plain εz (z/√H, ε(u − βp·a), DiZO's θ0 + f·(θ − θ0)) but uses state sharded like the weights:
 a gathered probe cannot apply it, so they perturb fp32 shards in place."""
 
 
