@@ -12,6 +12,8 @@ Sections (each runs alone with `--sections NAME ...`):
   scaling      per-rank throughput at 1 and 2 ranks per sharded backend.
   launches     noise chunk operations vs fused kernel launches per pass and per step, OPT-30B on 8 ranks
                from the shard layout (see zofsdp.measure.launches).
+  protocol     paired-seed speedups over MeZO with bootstrap CIs, a placebo arm, resumable (not in the
+               default set: hours; see zofsdp.measure.protocol).
 
 Timings are compared side by side in one process: every repetition times each contender once, in turn,
 and the figures are medians over repetitions, so slow drifts of a shared machine hit all of them alike.
@@ -43,6 +45,7 @@ from zofsdp.measure.common import (
 )
 
 SECTIONS = ("overhead", "noise", "comm", "convergence", "scaling", "launches")
+EXTRA_SECTIONS = ("protocol",)  # run only when named
 REFERENCE = "mezo_reference"
 
 
@@ -53,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the markdown tables to this file (default: stdout only)")
     p.add_argument("--plot", help="write PNG plots (bench_*.png) into this folder")
     p.add_argument("--quick", action="store_true", help="tiny model, few repetitions (CI smoke)")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--sections", nargs="+", choices=SECTIONS + EXTRA_SECTIONS, default=list(SECTIONS))
     p.add_argument("--model", help="model.name_or_path (default: tiny-llama quick, smollm2-135m full)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reps", type=int, help="timed repetitions (default 3 quick, 7 full)")
@@ -63,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default="runs/bench", help="folder for convergence runs and worker files")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set when started by torchrun (bench_dist)
+    from zofsdp.measure.protocol import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -344,6 +350,8 @@ def markdown(results: dict) -> str:
         from zofsdp.measure.convergence import markdown_rows
 
         lines += markdown_rows(results)
+    if "protocol" in results:
+        lines.append(results["protocol"]["table"])
     if "scaling" in results:
         lines += ["Scaling (MeZO steps, global batch split over ranks):", "",
                   "| backend | ranks | step s | examples/s | examples/s per rank |", "|---|---|---|---|---|"]
@@ -376,6 +384,12 @@ def _launches(args):
     return section_launches(args)
 
 
+def _protocol(args):
+    from zofsdp.measure.protocol import section_protocol
+
+    return section_protocol(args)
+
+
 def _convergence(args):
     from zofsdp.measure.convergence import section_convergence
 
@@ -383,4 +397,4 @@ def _convergence(args):
 
 
 SECTION_RUNNERS = {"overhead": section_overhead, "noise": section_noise, "comm": _comm,
-                   "convergence": _convergence, "scaling": _scaling, "launches": _launches}
+                   "convergence": _convergence, "scaling": _scaling, "launches": _launches, "protocol": _protocol}
