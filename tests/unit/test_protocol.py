@@ -90,7 +90,8 @@ class FakeTrainer:
         grid = [0, 10, 20]
         return {"kind": "run", "commit": "x", "arm": arm, "seed": seed, "lr": lr, "overrides": overrides,
                 "settings": SETTINGS, "points": curve([1.0, 1.0 - lr / 10, 1.0 - lr / 5], grid),
-                "diverged": lr >= self.diverge_at, "mean_keep_fraction": 0.4, "mean_budget": 0.37}
+                "diverged": lr >= self.diverge_at, "mean_keep_fraction": 0.4, "mean_budget": 0.37,
+                "median_step_s": 1.0}
 
     def clock(self):
         return self.now

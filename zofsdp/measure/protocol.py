@@ -193,14 +193,14 @@ class Plan:
 
 def execute(plan: Plan, results_path: Path, run_one, time_budget_s: float | None, timing=None,
             clock=time.monotonic) -> dict:
-    """Runs what is missing (stage A, the timing, stage B) until done or the time budget is spent.
+    """Runs what is missing (stage A, stage B, then the timing) until done or the time budget is spent.
     `run_one(arm, seed, lr, overrides) -> record` trains; `timing(results) -> record` times the arms."""
     start, launched, stopped = clock(), 0, False
 
     def out_of_time() -> bool:
         return time_budget_s is not None and clock() - start >= time_budget_s
 
-    for stage in (plan.sweep, "timing", plan.main):
+    for stage in (plan.sweep, plan.main, "timing"):
         if stage == "timing":
             if timing is not None and not timings(read_results(results_path), plan.settings):
                 if out_of_time():
@@ -241,7 +241,8 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
                "final_loss": float(np.mean([r["points"][-1]["loss"] for r in runs.values()])),
                "final_accuracy": float(np.mean([r["points"][-1]["accuracy"] for r in runs.values()])),
                "mean_keep_fraction": float(np.mean([r["mean_keep_fraction"] for r in runs.values()])),
-               "step_s": step_s.get(arm)}
+               "step_s": step_s.get(arm), "commits": sorted({r["commit"] for r in runs.values()}),
+               "run_step_s": float(np.median([r["median_step_s"] for r in runs.values()]))}
         for f in FRACTIONS:
             s = speedups(base, runs, target_loss(list(base.values()), f))
             vals = list(s["per_seed"].values())
@@ -275,7 +276,7 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
         lines += [f"Step times interleaved after {t[-1]['warmup']} warm-up steps, median of {t[-1]['reps']} "
                   f"(load average {t[-1]['load_average']}; shared machine: {t[-1]['load_average'][0] > 1.5})."]
     lines += ["", "| arm | lr | seeds | final loss | final acc | keep | step s | S50 (CI) | S50 wall (CI) | decision |"
-              " S80 (CI) | sd log S50 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              " S80 (CI) | sd log S50 | step s in runs | commits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, row in summary["arms"].items():
         s50, s80 = row.get("S50"), row.get("S80")
         wall = s50 and s50["wall"]
@@ -285,7 +286,8 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
             f"{row['step_s']:.2f}" if row["step_s"] else "-", _cell(s50),
             f"{wall['geomean']:.2f} ({wall['ci'][0]:.2f}–{wall['ci'][1]:.2f})" if wall else "-",
             wall["decision"] if wall and arm != BASE else "-", _cell(s80),
-            f"{s50['sd_log']:.3f}" if s50 and s50["sd_log"] is not None else "-"]) + " |")
+            f"{s50['sd_log']:.3f}" if s50 and s50["sd_log"] is not None else "-", f"{row['run_step_s']:.2f}",
+            ", ".join(row["commits"])]) + " |")
     placebo = summary["arms"].get(PLACEBO, {}).get("S50")
     if placebo:
         ok = placebo["ci"][0] <= 1 <= placebo["ci"][1]
@@ -318,8 +320,9 @@ def protocol_settings(args) -> dict:
     steps = args.steps
     quick = dict(model=args.model, batch_size=args.batch_size, steps=steps, eps=1e-2, num_train=48, num_eval=24,
                  eval_split="dev", eval_steps=[s for s in (1, 2, 3, 4) if s < steps])
+    dense = EVAL_STEPS if args.eval_steps is None else args.eval_steps
     full = dict(model=args.model, batch_size=args.batch_size, steps=steps, eps=1e-3, num_train=1000,
-                num_eval=args.num_eval, eval_split="eval", eval_steps=[s for s in EVAL_STEPS if s < steps])
+                num_eval=args.num_eval, eval_split="eval", eval_steps=[s for s in dense if 0 < s < steps])
     return quick if args.quick else full
 
 
@@ -333,6 +336,7 @@ def add_arguments(p) -> None:
     p.add_argument("--sweep-seeds", type=int, nargs="+", default=[0, 1], help="protocol: stage A's seeds")
     p.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="protocol: stage B's seeds")
     p.add_argument("--num-eval", type=int, default=500, help="protocol: held-out sentences (validation split)")
+    p.add_argument("--eval-steps", type=int, nargs="+", help="protocol: evaluate after these steps (and 0, last)")
     p.add_argument("--timing-warmup", type=int, default=50, help="protocol: steps per arm before timing")
     p.add_argument("--timing-reps", type=int, default=5, help="protocol: timed rounds (0 = no timing)")
 
