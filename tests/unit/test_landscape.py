@@ -9,6 +9,7 @@ import torch
 from zofsdp.errors import UserError
 from zofsdp.measure.landscape import (
     ALPHAS,
+    BUDGETS,
     Blocks,
     best_lr,
     best_sampler,
@@ -136,3 +137,57 @@ def test_formula_matches_monte_carlo_masks_probes_and_minibatch_noise():
         assert abs(mean - predicted) < 4 * se, (alpha, mean, predicted, se)
         assert se < 0.05 * abs(predicted)  # the check has power: the noise-free formula is far off
         assert abs(mean - float(loss_change(no_noise, pi, alpha, lr))) > 20 * se
+
+
+def test_fisher_probe_averages_to_the_exact_gauss_newton_trace():
+    """E over the random signs of ‖∇f‖² = (1/B)·Σ_i Σ_k p_ik·‖∇(s_ik − p_iᵀs_i)‖², checked on a linear
+    scorer with one padded candidate (its p is 0, it must not count)."""
+    from zofsdp.measure.landscape import _fisher
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(3, 5, generator=g, dtype=F64, requires_grad=True)
+    x = torch.randn(4, 5, generator=g, dtype=F64)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, True, True], [True, True, False]])
+    scores = (x @ weight.T).masked_fill(~mask, float("-inf"))
+    rows = type("Rows", (), {"candidate_mask": mask, "__len__": lambda self: 4})()
+    p = torch.softmax(scores, dim=1).detach()
+    exact = 0.0
+    for i in range(4):
+        for k in range(3):
+            if mask[i, k]:
+                centred = scores[i, k] - (p[i, mask[i]] * scores[i, mask[i]]).sum()
+                (grad,) = torch.autograd.grad(centred, weight, retain_graph=True)
+                exact += float(p[i, k]) * float(grad.square().sum()) / 4
+    samples = torch.stack([_fisher(scores, rows, [weight], g)[0] for _ in range(4000)])
+    assert float(samples.mean()) == pytest.approx(exact, abs=4 * float(samples.std()) / 4000**0.5)
+    assert float(samples.std()) / 4000**0.5 < 0.05 * exact
+
+
+def test_bench_landscape_section_on_the_tiny_model(tmp_path):
+    """`zofsdp bench --quick --sections landscape`: per-tensor and per-layer tables with the sampler's units,
+    finite figures, and a best sampler at least as good as the feasible points it must beat."""
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "bench.json"
+    run_cli(["bench", "--quick", "--threads", "1", "--json", str(out), "--plot", str(tmp_path),
+             "--sections", "landscape"], timeout=600)
+    land = json.loads(out.read_text())["landscape"]
+    assert land["layer"]["names"] == ["embed", "layers.0", "layers.1", "head"]
+    assert sum(land["layer"]["n"]) == sum(land["tensor"]["n"]) == 3_219_776  # tiny-llama's parameters
+    for unit in ("tensor", "layer"):
+        stats = land[unit]
+        assert len(stats["names"]) == len(stats["energy"]) == len(stats["hessian_trace_se"])
+        assert min(stats["energy"]) >= 0 and min(stats["noise"]) >= 0 and min(stats["fisher_trace"]) > 0
+        for kind in ("hessian", "fisher"):
+            v = stats[kind]
+            assert v["blocks"] + v["left_out"] == len(stats["names"])
+            if v["blocks"] == 0:
+                continue
+            assert v["best"]["none"]["ratio"] >= 1 - 1e-9  # dense is a feasible π
+            for q in BUDGETS:
+                best = v["best"][str(q)]
+                assert best["ratio"] >= v["uniform"][str(q)] - 1e-9  # uniform π = q is feasible
+                assert best["kept_fraction"] <= q + 1e-9
+    assert (tmp_path / "landscape.png").stat().st_size > 10_000

@@ -14,6 +14,9 @@ Sections (each runs alone with `--sections NAME ...`):
                from the shard layout (see zofsdp.measure.launches).
   protocol     paired-seed speedups over MeZO with bootstrap CIs, a placebo arm, resumable (not in the
                default set: hours; see zofsdp.measure.protocol).
+  landscape    per tensor and layer: gradient energy, minibatch noise, Hessian and Fisher traces (autograd),
+               and the best per-step ratio to dense MeZO any block sampler could reach (not in the default
+               set: ~10 min of one core, 8 GiB; see zofsdp.measure.landscape).
 
 Timings are compared side by side in one process: every repetition times each contender once, in turn,
 and the figures are medians over repetitions, so slow drifts of a shared machine hit all of them alike.
@@ -45,7 +48,7 @@ from zofsdp.measure.common import (
 )
 
 SECTIONS = ("overhead", "noise", "comm", "convergence", "scaling", "launches")
-EXTRA_SECTIONS = ("protocol",)  # run only when named
+EXTRA_SECTIONS = ("protocol", "landscape")  # run only when named
 REFERENCE = "mezo_reference"
 
 
@@ -106,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
 
         for path in plot(results, Path(args.plot)):
             print(f"[bench] wrote {path}", file=sys.stderr)
+        if "landscape" in results:
+            from zofsdp.measure.landscape import plot as plot_landscape
+
+            print(f"[bench] wrote {plot_landscape(results, Path(args.plot))[0]}", file=sys.stderr)
     return 0
 
 
@@ -352,6 +359,10 @@ def markdown(results: dict) -> str:
         lines += markdown_rows(results)
     if "protocol" in results:
         lines.append(results["protocol"]["table"])
+    if "landscape" in results:
+        from zofsdp.measure.landscape import markdown_rows as landscape_rows
+
+        lines += landscape_rows(results)
     if "scaling" in results:
         lines += ["Scaling (MeZO steps, global batch split over ranks):", "",
                   "| backend | ranks | step s | examples/s | examples/s per rank |", "|---|---|---|---|---|"]
@@ -390,6 +401,12 @@ def _protocol(args):
     return section_protocol(args)
 
 
+def _landscape(args):
+    from zofsdp.measure.landscape import section_landscape
+
+    return section_landscape(args)
+
+
 def _convergence(args):
     from zofsdp.measure.convergence import section_convergence
 
@@ -397,4 +414,5 @@ def _convergence(args):
 
 
 SECTION_RUNNERS = {"overhead": section_overhead, "noise": section_noise, "comm": _comm,
-                   "convergence": _convergence, "scaling": _scaling, "launches": _launches, "protocol": _protocol}
+                   "convergence": _convergence, "scaling": _scaling, "launches": _launches, "protocol": _protocol,
+                   "landscape": _landscape}

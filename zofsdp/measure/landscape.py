@@ -30,7 +30,9 @@ F1 (uniform π = q, any α): D/D₀ = 1 / (1 + (1/q − 1)·P/E₀), P = Σ_b a_
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -126,44 +128,56 @@ def uniform_ratio(blocks: Blocks, q: float) -> float:
 
 def project(y: torch.Tensor, n: torch.Tensor, pi_min: float, mass: float | None) -> torch.Tensor:
     """The point of [π_min, 1]^B ∩ {Σ n·π ≤ mass} nearest to y in the n-weighted norm Σ n_b(π_b − y_b)²:
-    clip(y − λ, π_min, 1) with the smallest λ ≥ 0 that meets the budget (found by bisection)."""
+    clip(y − λ, π_min, 1) with the smallest λ ≥ 0 that meets the budget. Σ n·clip(y − λ, π_min, 1) is
+    piecewise linear in λ with knots y − 1 and y − π_min: evaluate every knot, solve the crossing segment."""
     pi = y.clamp(pi_min, 1.0)
     if mass is None or float((n * pi).sum()) <= mass:
         return pi
-    lo, hi = 0.0, float(y.max()) - pi_min
-    for _ in range(100):
-        mid = 0.5 * (lo + hi)
-        if float((n * (y - mid).clamp(pi_min, 1.0)).sum()) > mass:
-            lo = mid
-        else:
-            hi = mid
-    return (y - hi).clamp(pi_min, 1.0)
+    knots = torch.cat([y - 1.0, y - pi_min]).clamp_min(0.0).unique()  # sorted; mass falls as λ grows
+    masses = (n[:, None] * (y[:, None] - knots[None, :]).clamp(pi_min, 1.0)).sum(0)
+    i = int((masses > mass).sum())  # masses[i-1] > mass >= masses[i]
+    if i == len(knots):  # even λ past every knot (all at π_min) is over the budget
+        return torch.full_like(y, pi_min)
+    l0, l1, m0, m1 = knots[i - 1], knots[i], masses[i - 1], masses[i]
+    lam = l0 + (l1 - l0) * (m0 - mass) / (m0 - m1)
+    return (y - lam).clamp(pi_min, 1.0)
+
+
+def _log_decrease(blocks: Blocks, pi: torch.Tensor, alpha: float) -> tuple[float, torch.Tensor]:
+    """log D(π, α) up to a constant, and its gradient in π (by hand: this runs thousands of times).
+    With w_b = a_b·π_b^{1−2α} and C = Σ π_c·S_c: E ĝᵀHĝ = Σ_b w_b·((k_b − π_b)·S_b + C)."""
+    s, k = blocks.total_energy, 1 + 2 / blocks.n
+    w = blocks.trace * pi.pow(1 - 2 * alpha)
+    c = (pi * s).sum()
+    curv = (w * ((k - pi) * s + c)).sum()
+    gain_ = (pi.pow(1 - alpha) * blocks.energy).sum()
+    d_curv = (1 - 2 * alpha) * w / pi * ((k - pi) * s + c) - w * s + s * w.sum()
+    d_gain = (1 - alpha) * pi.pow(-alpha) * blocks.energy
+    return float(2 * gain_.log() - curv.log()), 2 * d_gain / gain_ - d_curv / curv
 
 
 def _ascend(blocks: Blocks, alpha: float, start: torch.Tensor, pi_min: float, mass: float | None,
             iterations: int) -> tuple[float, torch.Tensor]:
     """Projected gradient ascent on log D with a backtracking step. The gradient is divided by n_b (the
     metric of `project`), so that a 576-element norm and a 28M-element embedding move at comparable rates."""
-    def objective(pi):
-        return 2 * gain(blocks, pi, alpha).log() - curvature(blocks, pi, alpha).log()
-
     pi, step = start.clone(), 1.0
-    value = float(objective(pi))
+    value, grad = _log_decrease(blocks, pi, alpha)
     for _ in range(iterations):
-        x = pi.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(objective(x), x)
         direction = grad / blocks.n * float(blocks.n.mean())
         while step > 1e-12:
             trial = project(pi + step * direction, blocks.n, pi_min, mass)
-            trial_value = float(objective(trial))
+            if float((trial - pi).abs().max()) < 1e-10:  # stationary: the box and budget hold it there
+                return value, pi
+            trial_value, trial_grad = _log_decrease(blocks, trial, alpha)
             if trial_value > value + 1e-4 * float((grad * (trial - pi)).sum()):
                 break
             step *= 0.5
         else:
             break
-        if float((trial - pi).abs().max()) < 1e-10:
+        converged = trial_value - value < 1e-10
+        pi, value, grad, step = trial, trial_value, trial_grad, min(step * 2.0, 1e6)
+        if converged:
             break
-        pi, value, step = trial, trial_value, min(step * 2.0, 1e6)
     return value, pi
 
 
@@ -208,3 +222,255 @@ def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     rx, ry = (t.argsort().argsort().double() for t in (torch.as_tensor(x), torch.as_tensor(y)))
     rx, ry = rx - rx.mean(), ry - ry.mean()
     return float((rx * ry).sum() / math.sqrt(float((rx * rx).sum() * (ry * ry).sum())))
+
+
+# ----------------------------------------------------------------------------------- measurement
+
+QUICK = {"batches": 2, "probes": 1}
+FULL = {"batches": 20, "probes": 2}
+"""Batches of train.batch_size rows, and Rademacher Hessian probes per batch (`zofsdp bench --sections
+landscape`). Full: ~20 s of one core per batch on SmolLM2-135M (batch 16, ~40 tokens): the gradient with its
+graph kept ~8 s, each Hessian-vector product ~9 s, the Fisher probe one plain backward."""
+BUDGETS = (0.1, 0.3, 0.5)
+"""q: the kept-parameter budgets Σ n_b·π_b ≤ q·d at which the best and the uniform sampler are compared."""
+
+
+def batch_tensors(session, examples: list, seed: int, probes: int) -> dict[str, torch.Tensor]:
+    """One batch's per-tensor figures, each [T] float64 in model order: the squared gradient norm
+    ‖g̃_t‖² and the gradient itself summed into `grad_sum`... (see `measure`), `probes` Hutchinson samples
+    v_tᵀ(Hv)_t with one Rademacher v over all parameters (E = tr H_t: the off-block terms average out), and
+    one Fisher sample ‖∇_t f‖² with f = Σ_{i,k} r_ik·√p_ik·(s_ik − Σ_j p_ij·s_ij), r Rademacher: its mean is
+    (1/B)·Σ_i tr(J_iᵀ(diag p_i − p_i p_iᵀ)J_i), the Gauss–Newton = Fisher trace of the mean cross-entropy
+    over the candidates' scores s (the project's loss, zofsdp.scoring)."""
+    import torch.nn.functional as F
+
+    from zofsdp.scoring import candidate_scores, encode
+
+    model, params = session.model, [p for _, p in session.model.named_parameters()]
+    rows = encode(session.tokenizer, examples, session.cfg.model.max_length)
+    scores = candidate_scores(model, rows)
+    loss = F.cross_entropy(scores, rows.labels)
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    g = torch.Generator().manual_seed(seed)
+    out = {"grad": [x.detach().clone() for x in grads],
+           "grad_sq": _per_tensor(x.detach() for x in grads), "fisher": _fisher(scores, rows, params, g)}
+    hutchinson = []
+    for _ in range(probes):
+        v = [torch.randint(0, 2, p.shape, generator=g).to(p.dtype).mul_(2).sub_(1) for p in params]
+        hv = torch.autograd.grad(sum((x * y).sum() for x, y in zip(grads, v)), params, retain_graph=True)
+        hutchinson.append(torch.stack([(a.double() * b.double()).sum() for a, b in zip(hv, v)]))
+    out["hutchinson"] = torch.stack(hutchinson)
+    return out
+
+
+def _per_tensor(tensors) -> torch.Tensor:
+    return torch.stack([x.double().square().sum() for x in tensors])
+
+
+def _fisher(scores: torch.Tensor, rows, params: list[torch.Tensor], g: torch.Generator) -> torch.Tensor:
+    """One sample of the per-tensor Fisher trace of the mean loss (see `batch_tensors`)."""
+    valid = rows.candidate_mask
+    s = scores.masked_fill(~valid, 0.0)
+    p = torch.softmax(scores, dim=1).detach()
+    centred = s - (p * s).sum(dim=1, keepdim=True)
+    signs = torch.randint(0, 2, s.shape, generator=g).to(s.dtype).mul_(2).sub_(1)
+    f = (signs * p.sqrt() * centred * valid).sum()
+    grads = torch.autograd.grad(f, params, retain_graph=True)
+    return _per_tensor(grads) / len(rows)
+
+
+def measure(session, num_batches: int, probes: int, seed: int = 0) -> dict:
+    """Per-tensor figures over `num_batches` training batches (autograd; attention switched to the eager
+    path because the fused CPU kernel has no double backward). Returns names, groups, n, and per batch:
+    grad_sq [N, T], hutchinson [N, P, T], fisher [N, T]; and mean_grad_sq [T] = ‖ḡ_t‖² of the batches' mean."""
+    from zofsdp.train import batches
+
+    model = session.model
+    model.config._attn_implementation = "eager"
+    model.requires_grad_(True)
+    names = [n for n, _ in model.named_parameters()]
+    draw = batches(session.splits.train, session.cfg.train.batch_size, seed)
+    grad_sum, per_batch = None, []
+    for index in range(num_batches):
+        out = batch_tensors(session, next(draw), seed * 1000 + index, probes)
+        grad = out.pop("grad")
+        grad_sum = grad if grad_sum is None else [a.add_(b) for a, b in zip(grad_sum, grad)]
+        per_batch.append(out)
+    model.requires_grad_(False)
+    groups = {name: group for name, _, group in session.backend.blocks()}
+    return {"names": names, "groups": [groups[n] for n in names],
+            "n": [p.numel() for p in model.parameters()],
+            "grad_sq": torch.stack([b["grad_sq"] for b in per_batch]),
+            "hutchinson": torch.stack([b["hutchinson"] for b in per_batch]),
+            "fisher": torch.stack([b["fisher"] for b in per_batch]),
+            "mean_grad_sq": _per_tensor(x / num_batches for x in grad_sum)}
+
+
+def block_stats(raw: dict, unit_of: list[int], num_units: int) -> dict:
+    """Per-unit estimates from `measure`'s per-tensor figures (units: the tensors themselves, or layers).
+
+    N batches: G = ‖ḡ‖² − V/N (unbiased for ‖E g‖², clipped at 0), V = N/(N−1)·(mean ‖g̃‖² − ‖ḡ‖²); the
+    Hessian and Fisher traces are batch means with their standard errors over batches (the probe and the
+    batch-to-batch variation both in them)."""
+    onehot = torch.zeros(len(unit_of), num_units, dtype=torch.float64)
+    onehot[torch.arange(len(unit_of)), torch.tensor(unit_of)] = 1.0
+    grad_sq, mean_sq = raw["grad_sq"] @ onehot, raw["mean_grad_sq"] @ onehot
+    hess, fisher = raw["hutchinson"].mean(1) @ onehot, raw["fisher"] @ onehot
+    num = grad_sq.shape[0]
+    noise = (grad_sq.mean(0) - mean_sq) * num / (num - 1)
+    return {"n": (torch.tensor(raw["n"], dtype=torch.float64) @ onehot).tolist(),
+            "energy": (mean_sq - noise / num).clamp_min(0).tolist(), "noise": noise.tolist(),
+            "energy_biased": mean_sq.tolist(),
+            "hessian_trace": hess.mean(0).tolist(), "hessian_trace_se": (hess.std(0) / num**0.5).tolist(),
+            "fisher_trace": fisher.mean(0).tolist(), "fisher_trace_se": (fisher.std(0) / num**0.5).tolist()}
+
+
+def what_a_sampler_can_buy(stats: dict, curvature_key: str) -> dict:
+    """For one curvature measure: how G_b/a_b spreads, the best ratio to dense MeZO that any block sampler
+    reaches (no budget, and at each q), and what uniform sampling at q costs (F1). Blocks whose measured
+    trace is not positive are left out of the formulas (counted in `left_out`)."""
+    trace = torch.tensor(stats[curvature_key], dtype=torch.float64)
+    use = trace > 0
+    pick = lambda key: torch.tensor(stats[key], dtype=torch.float64)[use]
+    blocks = Blocks.of(pick("n"), trace[use], pick("energy"), pick("noise"))
+    per_block = blocks.energy / blocks.trace
+    out = {"left_out": int((~use).sum()), "blocks": int(use.sum()),
+           "energy_over_trace": spread(per_block[per_block > 0]),
+           "rank_correlation_energy_trace": rank_correlation(blocks.energy, blocks.trace),
+           "noise_share": float(blocks.noise.sum() / blocks.total_energy.sum()),
+           "uniform": {str(q): uniform_ratio(blocks, q) for q in BUDGETS},
+           "best": {"none": _trim(best_over_alphas(blocks))}}
+    for q in BUDGETS:
+        out["best"][str(q)] = _trim(best_over_alphas(blocks, budget=q))
+    return out
+
+
+def _trim(best: dict) -> dict:
+    """π in full for a few dozen blocks (layers); quantiles only for hundreds (tensors)."""
+    pi = torch.tensor(best.pop("pi"), dtype=torch.float64)
+    if len(pi) <= 64:
+        best["pi"] = pi.tolist()
+    best["pi_quantiles"] = torch.quantile(pi, torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)).tolist()
+    return best
+
+
+def summarise(raw: dict) -> dict:
+    """Per-tensor and per-layer tables (the sampler's `tensor` and `layer` units, sampling.build_units) and
+    what a sampler can buy with either curvature measure."""
+    from zofsdp.optim.sampling import build_units
+
+    out = {}
+    specs = list(zip(raw["names"], raw["n"], raw["groups"]))
+    for granularity in ("tensor", "layer"):
+        units = build_units(specs, granularity)
+        stats = block_stats(raw, [units.unit_of[name] for name in raw["names"]], len(units.names))
+        out[granularity] = {"names": units.names, **stats,
+                            "hessian": what_a_sampler_can_buy(stats, "hessian_trace"),
+                            "fisher": what_a_sampler_can_buy(stats, "fisher_trace")}
+    return out
+
+
+def section_landscape(args) -> dict:
+    from zofsdp.measure.common import run_config
+    from zofsdp.train import setup
+
+    sizes = QUICK if args.quick else FULL
+    cfg = run_config(args, "parallel.backend=none", f"data.num_train={args.batch_size * sizes['batches']}")
+    session = setup(cfg)
+    start = time.perf_counter()
+    try:
+        raw = measure(session, sizes["batches"], sizes["probes"], seed=cfg.train.seed)
+    finally:
+        session.backend.close()
+    seconds = time.perf_counter() - start
+    return {"landscape": {"batches": sizes["batches"], "probes_per_batch": sizes["probes"],
+                          "fisher_probes_per_batch": 1, "measure_s": seconds, **summarise(raw)}}
+
+
+# ----------------------------------------------------------------------------------- report
+
+
+def _ratio_cell(best: dict) -> str:
+    return f"{best['ratio']:.3f} (α {best['alpha']:g}, kept {best['kept_fraction']:.2f})"
+
+
+def markdown_rows(results: dict) -> list[str]:
+    land = results["landscape"]
+    lines = [(f"Landscape ({results['model']}, {land['batches']} batches of {results['batch_size']}, "
+              f"{land['probes_per_batch']} Hutchinson + 1 Fisher probe per batch, {land['measure_s']:.0f} s): "
+              "per-step decrease of the best block sampler and of uniform sampling, relative to dense MeZO "
+              "(each at its best lr; > 1 = fewer forward passes)."), "",
+             "| unit | curvature | blocks (trace ≤ 0 left out) | G/a p90/p10 | G/a max/min | Spearman(G, a) | "
+             "noise share of Δ² | best, no budget | best at q = " + " / ".join(map(str, BUDGETS)) +
+             " | uniform at q = " + " / ".join(map(str, BUDGETS)) + " |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for unit in ("tensor", "layer"):
+        for kind in ("hessian", "fisher"):
+            v = land[unit][kind]
+            best = " / ".join(f"{v['best'][str(q)]['ratio']:.3f}" for q in BUDGETS)
+            uniform = " / ".join(f"{v['uniform'][str(q)]:.3f}" for q in BUDGETS)
+            lines.append(f"| {unit} | {kind} | {v['blocks']} ({v['left_out']}) | "
+                         f"{v['energy_over_trace']['p90_over_p10']:.3g} | {v['energy_over_trace']['max_over_min']:.3g} | "
+                         f"{v['rank_correlation_energy_trace']:.2f} | {v['noise_share']:.2f} | "
+                         f"{_ratio_cell(v['best']['none'])} | {best} | {uniform} |")
+    layer = land["layer"]
+    lines += ["", "Per layer (G = ‖E g‖², V = E‖g̃ − g‖² at this batch, traces ± standard error):", "",
+              "| layer | n | G | V | tr H | Fisher trace | G / tr H |", "|---|---|---|---|---|---|---|"]
+    for i, name in enumerate(layer["names"]):
+        h = layer["hessian_trace"][i]
+        ratio = f"{layer['energy'][i] / h:.3g}" if h > 0 else "-"
+        lines.append(f"| {name} | {layer['n'][i]:,.0f} | {layer['energy'][i]:.3g} | {layer['noise'][i]:.3g} | "
+                     f"{h:.3g} ± {layer['hessian_trace_se'][i]:.2g} | {layer['fisher_trace'][i]:.3g} ± "
+                     f"{layer['fisher_trace_se'][i]:.2g} | {ratio} |")
+    return lines + [""]
+
+
+def plot(results: dict, folder: Path) -> list[Path]:
+    """landscape.png: per layer G, V, tr H and the Fisher trace; and the per-step ratio to dense MeZO
+    against the budget q, uniform (F1, a curve) and the best sampler (points), per unit and curvature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    land = results["landscape"]
+    layer = land["layer"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    x = list(range(len(layer["names"])))
+    hess = torch.tensor(layer["hessian_trace"])
+    left.plot(x, layer["energy"], "o-", label="G = ‖E g‖²")
+    left.plot(x, layer["noise"], ".:", label=f"V (batch {results['batch_size']})")
+    left.errorbar([i for i in x if hess[i] > 0], hess[hess > 0].tolist(),
+                  yerr=[layer["hessian_trace_se"][i] for i in x if hess[i] > 0], fmt="s-", label="tr H (Hutchinson)")
+    if bool((hess <= 0).any()):
+        left.plot([i for i in x if hess[i] <= 0], (-hess[hess <= 0]).tolist(), "kx", label="−tr H where < 0")
+    left.plot(x, layer["fisher_trace"], "^-", label="Fisher trace")
+    left.set_yscale("log")
+    left.set_xticks(x[::4], [layer["names"][i].replace("layers.", "") for i in x[::4]])
+    left.set_xlabel("layer (embed, 0..L−1, head)")
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    grid = [i / 100 for i in range(2, 101)]
+    for unit, style in (("tensor", "-"), ("layer", "--")):
+        for kind, colour in (("hessian", "tab:red"), ("fisher", "tab:blue")):
+            v = land[unit][kind]
+            stats = land[unit]
+            use = torch.tensor(stats[f"{kind}_trace"]) > 0
+            blocks = Blocks.of(*(torch.tensor(stats[k], dtype=torch.float64)[use] for k in
+                                 ("n", f"{kind}_trace", "energy", "noise")))
+            right.plot(grid, [uniform_ratio(blocks, q) for q in grid], style, color=colour, alpha=0.6,
+                       label=f"uniform, {unit}, {kind}")
+            right.plot(list(BUDGETS) + [1.0], [v["best"][str(q)]["ratio"] for q in BUDGETS] +
+                       [v["best"]["none"]["ratio"]], "o" if unit == "tensor" else "s", color=colour,
+                       mfc="none" if unit == "layer" else colour, label=f"best, {unit}, {kind}")
+    right.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    right.set_xlabel("budget q (kept fraction of the parameters; 1.0 = no budget)")
+    right.set_ylabel("one-step decrease / dense MeZO's")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.suptitle(f"{results['model']} on SST-2: gradient energy and curvature, and what a block sampler can buy")
+    fig.tight_layout()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "landscape.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
