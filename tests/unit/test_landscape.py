@@ -172,7 +172,7 @@ def test_bench_landscape_section_on_the_tiny_model(tmp_path):
 
     out = tmp_path / "bench.json"
     run_cli(["bench", "--quick", "--threads", "1", "--json", str(out), "--plot", str(tmp_path),
-             "--sections", "landscape"], timeout=600)
+             "--out", str(tmp_path / "runs"), "--sections", "landscape"], timeout=600)
     land = json.loads(out.read_text())["landscape"]
     assert land["layer"]["names"] == ["embed", "layers.0", "layers.1", "head"]
     assert sum(land["layer"]["n"]) == sum(land["tensor"]["n"]) == 3_219_776  # tiny-llama's parameters
@@ -191,3 +191,5 @@ def test_bench_landscape_section_on_the_tiny_model(tmp_path):
                 assert best["ratio"] >= v["uniform"][str(q)] - 1e-9  # uniform π = q is feasible
                 assert best["kept_fraction"] <= q + 1e-9
     assert (tmp_path / "landscape.png").stat().st_size > 10_000
+    raw = torch.load(land["raw"])  # the per-batch figures the tables came from
+    assert raw["hutchinson"].shape == (2, 1, len(land["tensor"]["names"]))

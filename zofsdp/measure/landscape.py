@@ -383,8 +383,13 @@ def section_landscape(args) -> dict:
     finally:
         session.backend.close()
     seconds = time.perf_counter() - start
+    # the per-batch figures, so that the analysis can be redone without the autograd passes
+    raw_path = Path(args.out) / "landscape_raw.pt"
+    raw_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(raw, raw_path)
     return {"landscape": {"batches": sizes["batches"], "probes_per_batch": sizes["probes"],
-                          "fisher_probes_per_batch": 1, "measure_s": seconds, **summarise(raw)}}
+                          "fisher_probes_per_batch": 1, "measure_s": seconds, "raw": str(raw_path),
+                          **summarise(raw)}}
 
 
 # ----------------------------------------------------------------------------------- report
