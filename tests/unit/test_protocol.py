@@ -76,6 +76,7 @@ def test_power_and_decision_rule():
     assert P.decision((1.6, 2.5)) == "2x supported"
     assert P.decision((1.1, 1.4)) == "2x refuted"
     assert P.decision((1.2, 2.5)) == "open"
+    assert P.decision((1.6, 2.5), num_seeds=2).startswith("none")  # 2 seeds: the 'CI' is their range
 
 
 class FakeTrainer:

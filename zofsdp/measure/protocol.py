@@ -46,6 +46,8 @@ DEFAULT_ARMS = [BASE, PLACEBO, CURVZO, UNIFORM, "adalezo"]
 EVAL_STEPS = (5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 400, 600, 800)
 FRACTIONS = (0.5, 0.8)
 DIVERGED = 1.2
+MIN_SEEDS = 3
+"""Fewer paired seeds give a bootstrap 'interval' that is just the range of the values: no decision from it."""
 """A run diverged if it raised, or its last held-out loss is non-finite or above DIVERGED × its first."""
 
 
@@ -102,7 +104,9 @@ def seeds_needed(sd_log: float, gap: float = math.log(2 / 1.37)) -> float:
     return ((1.96 + 0.84) * sd_log / gap) ** 2
 
 
-def decision(ci: tuple[float, float]) -> str:
+def decision(ci: tuple[float, float], num_seeds: int = MIN_SEEDS) -> str:
+    if num_seeds < MIN_SEEDS:
+        return f"none ({num_seeds} seeds < {MIN_SEEDS})"
     lo, hi = ci
     if lo <= 2 <= hi and lo >= 1.5:
         return "2x supported"
@@ -254,7 +258,7 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
                 "per_seed": s["per_seed"], "censored": s["censored"], "geomean": gm, "ci": [lo, hi],
                 "sd_log": float(np.std(np.log(vals), ddof=1)) if len(vals) > 1 else None,
                 "wall": None if ratio is None else {"geomean": gm * ratio, "ci": [lo * ratio, hi * ratio],
-                                                   "decision": decision((lo * ratio, hi * ratio))}}
+                                                   "decision": decision((lo * ratio, hi * ratio), len(vals))}}
         out[arm] = row
     return {"lrs": picked, "arms": out, "step_s": step_s}
 
@@ -290,11 +294,12 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
             ", ".join(row["commits"])]) + " |")
     placebo = summary["arms"].get(PLACEBO, {}).get("S50")
     if placebo:
-        ok = placebo["ci"][0] <= 1 <= placebo["ci"][1]
-        lines += ["", f"Placebo (MeZO with table noise) S50 CI {placebo['ci'][0]:.2f}–{placebo['ci'][1]:.2f}: "
-                  + ("contains 1, the protocol passes its check." if ok else "excludes 1: the protocol is BROKEN.")]
+        ok, n = placebo["ci"][0] <= 1 <= placebo["ci"][1], len(placebo["per_seed"])
+        verdict = ("contains 1, the protocol passes its check." if ok else "excludes 1: the protocol is BROKEN.")
+        lines += ["", f"Placebo (MeZO with table noise) S50 CI {placebo['ci'][0]:.2f}–{placebo['ci'][1]:.2f} "
+                  f"over {n} seeds: " + (verdict if n >= MIN_SEEDS else f"too few seeds to check (needs {MIN_SEEDS}).")]
         if placebo["sd_log"]:
-            lines.append(f"Power: SD of log S50 over seeds (placebo) {placebo['sd_log']:.3f} → "
+            lines.append(f"Power: SD of log S50 over {n} seeds (placebo) {placebo['sd_log']:.3f} → "
                          f"{seeds_needed(placebo['sd_log']):.1f} paired seeds to tell 2× from 1.37× (80 %, α 0.05).")
     sweep = [r for r in runs if r["seed"] in sweep_seeds]
     if sweep:
@@ -304,6 +309,38 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
                      for r in sorted(sweep, key=lambda r: r["lr"]) if r["arm"] == arm]
             lines.append(f"- {arm}: " + ", ".join(cells) + f" → {summary['lrs'][arm]}")
     return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], settings: dict, summary: dict, path: Path) -> None:
+    """Held-out loss against forward passes: each seed thin, the seed mean thick, L*(50 %, 80 %) dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for i, (arm, lr) in enumerate(summary["lrs"].items()):
+        runs = find(results, settings, arm, lr=lr) if lr else []
+        if not runs:
+            continue
+        color = f"C{i}"
+        for r in runs:
+            ax.plot([p["forward_passes"] for p in r["points"]], [p["loss"] for p in r["points"]], color=color,
+                    alpha=0.3, linewidth=0.8)
+        mean = mean_curve(runs)
+        passes = [p["forward_passes"] for p in runs[0]["points"] if p["step"] in {m["step"] for m in mean}]
+        ax.plot(passes, [m["loss"] for m in mean], color=color, linewidth=2, marker="o", label=f"{arm} (lr {lr:g})")
+        if arm == BASE:
+            for f in FRACTIONS:
+                ax.axhline(target_loss(runs, f), color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("forward passes")
+    ax.set_ylabel(f"held-out loss ({settings['num_eval']} sentences)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _cell(s: dict | None) -> str:
@@ -458,6 +495,8 @@ def section_protocol(args) -> dict:
     results = read_results(path)
     summary = summarize(results, settings, arms, plan.lrs, plan.sweep_seeds)
     table = markdown(summary, results, settings, plan.sweep_seeds)
+    if args.plot:
+        plot(results, settings, summary, Path(args.plot) / "protocol_curves.png")
     return {"protocol": {"settings": settings, "summary": summary, "table": table, **outcome}}
 
 
