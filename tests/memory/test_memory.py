@@ -24,6 +24,8 @@ NOT_INFERENCE_LEVEL: dict[str, str] = {
              "+ 4·P/N bytes per rank, checked in tests/memory/test_state_memory.py",
     "loren": "its heavy-ball momentum is parameter-sized (fp32, sharded like the weight matrices): inference + "
              "4·P_2D/N bytes per rank, plus the replicated a and a K·Σin float64 column-sum buffer",
+    "dizo": "its anchor (the pre-trained projected tensors, K and V by default) is sharded like the parameters: "
+            "inference + P_proj/N × dtype bytes per rank, checked in tests/memory/test_state_memory.py",
 }
 """Registered optimizers whose papers do not promise inference-level memory, with the reason."""
 OPTIMIZERS_AT_INFERENCE_LEVEL = [name for name in OPTIMIZERS if name not in NOT_INFERENCE_LEVEL]

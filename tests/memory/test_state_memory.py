@@ -9,11 +9,13 @@ from tests.memory.test_memory import NOT_INFERENCE_LEVEL, measure_in_process
 
 pytestmark = pytest.mark.memory
 
-STATE_BYTES_PER_PARAM = {"zo_adam": 8, "hizoo": 4, "loren": 4}
+STATE_BYTES_PER_PARAM = {"zo_adam": 8, "hizoo": 4, "loren": 4, "dizo": 0}
 """Per parameter owned by the rank: ZO-Adam's fp32 moments (8·P/N), HiZOO's fp32 diagonal Hessian (4·P/N),
 LOREN's fp32 momentum (4·P_2D/N: not on 1-D tensors), corrected by STATE_OFFSET."""
-STATE_OFFSET = {"loren": 4 * (1408 - 320)}
-"""LOREN on tiny-llama: + its replicated fp32 a (4·Σin, Σin = 1408) − no momentum on the 320 1-D elements."""
+STATE_OFFSET = {"loren": 4 * (1408 - 320), "dizo": 4 * 8192}
+"""LOREN on tiny-llama: + its replicated fp32 a (4·Σin, Σin = 1408) − no momentum on the 320 1-D elements.
+DiZO: its fp32 anchor of the 2 layers' k_proj and v_proj weights (8,192 elements of 3,219,776); measured from
+step zo.dizo.interval, so the first of the 3 steps runs the projection's 20-forward search."""
 
 
 def test_every_listed_optimizer_has_a_state_figure():

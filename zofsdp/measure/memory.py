@@ -184,7 +184,9 @@ def _measure_rank(session, optimizers: list[str], num_steps: int, seq_len: int) 
                                    probe=getattr(backend, "probe", None), rounding=cfg.model.update_rounding,
                                    all_reduce=backend.all_reduce_sum, shapes=param_shapes(backend))
 
-        m = measure_optimizer(tracker, name, build, forward, num_steps)
+        # DiZO: start at a projection step, so that its search (and its temporaries) are measured too
+        first = zo.dizo.interval if name == "dizo" else 1
+        m = measure_optimizer(tracker, name, build, forward, num_steps, first_step=first)
         out["optimizers"][name] = _optimizer_dict(m, inference.total)
         out["rss_bytes"][f"after_{name}"] = process.memory_info().rss
         if cuda:
