@@ -11,13 +11,15 @@ from zofsdp.noise import Shard, block_id
 
 
 class Quadratic:
-    """L(θ) = ½ Σ_b h_b ‖θ_b‖², one block (= one tensor, one layer) per entry of `sizes`; θ starts at 1.
+    """L(θ) = ½ Σ_b h_b ‖θ_b‖², one block (= one tensor, one layer) per entry of `sizes`.
 
     The central difference of a quadratic is exact, so Δ = uᵀ∇L up to float64 rounding.
     """
 
-    def __init__(self, sizes: list[int], curvature: list[float], dtype=torch.float64):
-        self.theta = torch.ones(sum(sizes), dtype=dtype)
+    def __init__(self, sizes: list[int], curvature: list[float], dtype=torch.float64, start: list[float] | None = None):
+        """`start`: θ's value in each block (default 1 everywhere)."""
+        start = start or [1.0] * len(sizes)
+        self.theta = torch.cat([torch.full((n,), v, dtype=dtype) for n, v in zip(sizes, start)])
         self.h = torch.cat([torch.full((n,), c, dtype=dtype) for n, c in zip(sizes, curvature)])
         self.params = list(self.theta.split(sizes))  # views: the shards edit theta in place
         names = [f"model.layers.{i}.weight" for i in range(len(sizes))]
@@ -63,3 +65,24 @@ def chi_square(draws: torch.Tensor, truth: torch.Tensor) -> float:
     """Σ_i ((mean_i − truth_i) / SE_i)²: ~χ²(d) when the estimator is unbiased."""
     se = draws.std(dim=0) / math.sqrt(draws.shape[0])
     return float((((draws.mean(dim=0) - truth) / se) ** 2).sum())
+
+
+def f3_quadratic(blocks: int = 10, size: int = 1) -> Quadratic:
+    """The review's F3 counterexample: `blocks` sharp blocks (h = 1) with little gradient (θ = 0.01) and as
+    many flat blocks (h = 1e-3) holding it (θ = 100), `size` coordinates each: G_sharp/G_flat = 0.01."""
+    return Quadratic([size] * 2 * blocks, [1.0] * blocks + [1e-3] * blocks, start=[0.01] * blocks + [100.0] * blocks)
+
+
+def passes_to_target(opt, problem: Quadratic, target: float, max_steps: int) -> int:
+    """Forward passes (ℓ₀ included) until the loss is below `target`; max_steps·3 + 1 if never (diverged
+    or too slow), so a failure always ranks last."""
+    passes = 0
+    for step in range(1, max_steps + 1):
+        record = opt.step(problem.loss, step)
+        passes += record["forward_passes"]
+        loss = problem.loss()
+        if loss < target:
+            return passes
+        if not math.isfinite(loss) or loss > 1e3 * target:
+            break
+    return 3 * max_steps + 1

@@ -32,6 +32,7 @@ class MaskRegression:
         self.forget = forget
         self.gram = torch.zeros(num, num, dtype=torch.float64)
         self.moment = torch.zeros(num, dtype=torch.float64)
+        self.num_obs = 0
         self._cache: torch.Tensor | None = None
 
     def add(self, mask: torch.Tensor, y: float) -> None:
@@ -39,6 +40,7 @@ class MaskRegression:
         w = 1.0 / max(float(m.sum()), 1.0) ** 2
         self.gram.mul_(self.forget).add_(torch.outer(m, m), alpha=w)
         self.moment.mul_(self.forget).add_(m, alpha=w * y)
+        self.num_obs += 1
         self._cache = None
 
     @property
@@ -58,11 +60,12 @@ class MaskRegression:
         return self._cache
 
     def state_dict(self) -> dict:
-        return {"gram": self.gram.tolist(), "moment": self.moment.tolist()}
+        return {"gram": self.gram.tolist(), "moment": self.moment.tolist(), "num_obs": self.num_obs}
 
     def load_state_dict(self, state: dict) -> None:
         self.gram = torch.tensor(state["gram"], dtype=torch.float64)
         self.moment = torch.tensor(state["moment"], dtype=torch.float64)
+        self.num_obs = int(state["num_obs"])
         self._cache = None
 
 
@@ -159,3 +162,25 @@ class ReleasedRule:
     def load_state_dict(self, state: dict) -> None:
         self.score = torch.tensor(state["score"], dtype=torch.float64)
         self.k, self.mean_abs = float(state["k"]), float(state["mean_abs"])
+
+
+def predicted_decrease(pi: torch.Tensor, n: torch.Tensor, trace: torch.Tensor, energy: torch.Tensor,
+                       alpha: float) -> torch.Tensor:
+    """D(π, α) = (gᵀEĝ)²/(2·E ĝᵀHĝ), the best one-step decrease of the review's quadratic model, for each
+    row of candidate probabilities pi [C, B] (zofsdp.measure.landscape.best_decrease, one row at a time):
+    gᵀEĝ = Σ π^(1−α)·G, E‖ĝ_b‖² = π_b^(1−2α)·[(n_b + 2)·G_b + n_b·(C − π_b·G_b)], C = Σ π·G, H_b = tr H_b/n_b."""
+    c = (pi * energy).sum(dim=1, keepdim=True)
+    second = pi.pow(1 - 2 * alpha) * ((n + 2) * energy + n * (c - pi * energy))
+    gain = (pi.pow(1 - alpha) * energy).sum(dim=1)
+    return gain.square() / (2 * (trace / n * second).sum(dim=1))
+
+
+def best_scale(weights: torch.Tensor, n: torch.Tensor, trace: torch.Tensor, energy: torch.Tensor,
+               alpha: float, pi_min: float, num: int = 64) -> torch.Tensor:
+    """π = clip(c·w, π_min, 1) with the c (of `num` on a geometric grid, from all-at-π_min to all-at-1)
+    that maximises `predicted_decrease`: the kept mass chosen by the model rather than a budget rule."""
+    w = weights / float(weights.max())
+    lo, hi = pi_min, 1.0 / float(w.min())
+    scales = torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), num, dtype=w.dtype)
+    candidates = (scales[:, None] * w[None, :]).clamp(pi_min, 1.0)
+    return candidates[int(predicted_decrease(candidates, n, trace, energy, alpha).argmax())]
