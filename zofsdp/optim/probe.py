@@ -1,16 +1,18 @@
-"""Perturb the gathered parameters, not the shards: the probe of bf16/fp16-shard training.
+"""Perturb the gathered parameters, not the shards: the probe of bf16/fp16-shard and mixed-precision training.
 
 In bf16 or fp16, +εz, −2εz, +εz applied in place does not give the weights back (45.7 % of bf16 weights
-moved after one cycle, a random walk as large as the updates; docs/memory.md, "Precision modes"). So with
-low-precision shards the optimizer never writes a probe into the shards. It only records which
-perturbation the next forwards must see (`Probe.shift`), and the backend's forward pre-hooks add it to the
-parameters as the forward uses them:
+moved after one cycle, a random walk as large as the updates; docs/memory.md, "Precision modes"), and even
+fp32 shards lose a last bit where a step crosses a power of two. So with a probe (model.perturb resolved to
+`gathered`: the default for bf16/fp16 shards and for mixed precision) the optimizer never writes a probe
+into the shards. It only records which perturbation the next forwards must see (`Probe.shift`), and the
+backend's forward pre-hooks add it to the parameters as the forward uses them:
 - FSDP2: the unsharded (all-gathered) parameters of each FSDP unit, after FSDP2's own pre-forward hook
   has gathered them. They are a temporary copy, freed after the unit (reshard_after_forward), so the
   perturbation costs no memory and disappears with them.
+- DeepSpeed: each module's gathered parameters, after ZeRO-3's fetch hook (zofsdp.parallel.precision).
 - one process (`none`): there is no gathered copy, so each leaf module's parameters are swapped for a
   perturbed copy during its forward and swapped back after it: one tensor's copy at a time.
-The update pass then writes the shards once, with stochastic rounding (zofsdp.noise.round_to).
+The update pass then writes the shards once (bf16/fp16: with stochastic rounding, zofsdp.noise.round_to).
 
 The same z as the in-place path: z of a whole tensor is the concatenation of its shards' z (global flat
 indices), so the forward sees bf16(θ + d(εz)) whatever the layout. The price is noise: every rank generates
