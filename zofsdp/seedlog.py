@@ -10,7 +10,9 @@ File `seedlog.bin` (rank 0 writes it beside metrics.jsonl; each checkpoint holds
   b"ZOSEEDLG", uint32 little-endian n, n bytes of JSON header (config, resolved noise kind, model shape),
   then one record per step: uint32 step, uint16 count, count × float64 (little-endian).
 6 + 8 × (forwards per step) bytes: 22 for MeZO, CurvZO, AdaLeZO and ZO-Adam (2 forwards), 30 for BSZO
-and HiZOO (3), 38 for BSZO-B (4). DiZO's projection steps also hold its search's 2·search_iters losses and,
+and HiZOO (3) and for CurvZO's ℓ₀ steps (every zo.curvzo.curvature_every: ℓ₀ is logged first, so its
+curvature regression replays too), 38 for BSZO-B (4). DiZO's projection steps also hold its search's
+2·search_iters losses and,
 after them, one projection factor per projected tensor (`optim.base.decide`): 22 + 8·(20 + 60) = 662 bytes
 every 50th step on SmolLM2-135M (30 layers × K, V) at the defaults.
 """

@@ -1,32 +1,34 @@
 """CurvZO: curvature-guided sparse ZO (Wang, Chen, Tang, "CurvZO: Adaptive Curvature-Guided Sparse
 Zeroth-Order Optimization for Efficient LLM Fine-Tuning", arXiv 2603.21725, 2026), block-wise variant.
 
-Estimator. Each block b (one parameter tensor, or one layer with `granularity: layer`) is kept with
-probability π_b, m_b ~ Bernoulli(π_b), independently, from a generator seeded by (run seed, step): every
-rank draws the same mask. With u = m ⊙ z and ℓ± = L(θ ± εu), Δ = (ℓ₊ − ℓ₋)/(2ε) and the Horvitz–Thompson
-estimate is ĝ_b = Δ·m_b·z_b/π_b, so E[ĝ] = ∇L up to O(ε²). Only kept blocks are perturbed or updated:
-unkept blocks generate no noise and are never written, in any of the three passes (+εu, −2εu, restore and
-update fused as in MeZO).
+Estimator. Each unit b (a layer by default: `embed`, `layers.<i>`, `head`; one tensor with `granularity:
+tensor`) is kept with probability π_b, m_b ~ Bernoulli(π_b), independently, from a generator seeded by
+(run seed, step): every rank draws the same mask. With u = m ⊙ z, ℓ± = L(θ ± εu), Δ = (ℓ₊ − ℓ₋)/(2ε), the
+update is ĝ_b = Δ·m_b·z_b·w_b with w_b = q^(α−1)·min(π_b^(−α), max_weight), q the budget: α = 1 without a
+clip is Horvitz–Thompson, E[ĝ] = ∇L + O(ε²); α < 1 gives E ĝ_b = q^(α−1)·π_b^(1−α)·g_b (the q factor keeps
+the lr's meaning; review §2 F1). Only kept units are perturbed, updated or generate noise (three passes:
++εu, −2εu, restore and update fused as in MeZO).
 
-Sampling rule. Minimising Σ_b F_b/π_b under Σ_b n_b·π_b = B·d gives π_b ∝ √S_b; we scale to the budget and
-clip to [π_min, 1] by water-filling (`sampling.budgeted_probs`).
+What drives π (`score`; block_stats.py explains the estimators):
+- `regression` (default): E[Δ² | m] = Σ_b m_b G_b, G_b = ‖g_b‖² (+ minibatch variance), so a running least
+  squares of Δ² on the masks estimates Ĝ; π ∝ √(Ĝ + 0.2·mean Ĝ) under the budget Σ n_b π_b = B·d, clipped to
+  [π_min, 1] by water-filling (`sampling.budgeted_probs`). Minimising Σ G_b/π_b gives the square root.
+- `ema`: the first rule, kept for comparison: an EMA of Δ²/π_b² over the steps b was kept. All kept units
+  share one Δ², so it converges to a nearly flat function of G_b: it does not rank the units.
+- `uniform`: π = budget_init everywhere, nothing learned, budget fixed: the uniform-sparse control.
+- `preset: released` replaces all of this by the released code's rules (block_stats.ReleasedRule).
+Adaptive budget (regression, ema): flatness φ = (d_eff/G + H)/2 of the normalised scores, target
+B* = B_min + (B_max − B_min)·φ, B ← budget_ema·B + (1 − budget_ema)·B*, clipped to [B_min, B_max].
 
-Details the paper leaves open, and what we chose (docs/optimizers.md has the longer reasoning):
-- Score. s_b = Δ²·mean_{i∈b}(v_i²), v = z/π_b the HT-scaled direction, taken on kept blocks only. We use
-  E[mean z_i²] = 1, so s_b = Δ²/π_b² (`score_scaling: ht`, the paper's v). Computing the sample mean of z²
-  would cost a noise pass and an all-reduce of one scalar per block; for blocks of ≥ 10⁴ elements it is
-  within 1–2 % of 1 anyway. `score_scaling: none` uses s_b = Δ² (the conditional second moment that the
-  variance formula Σ F_b/π_b actually contains; it focuses harder).
-- Smoothing. F_b ← ema·F_b + (1−ema)·s_b when b is kept; the first time b is kept F_b = s_b (no bias toward
-  the zero start); blocks never kept yet borrow the mean of the others. S = F/ΣF.
-- Unkept blocks: F_b ← F_b + unkept_decay·(mean F − F_b). A stale low score can only be refreshed when
-  π_min lets the block through; the pull toward the mean bounds how long that can take. Default 0.01:
-  half-life ~70 steps, longer than the 1/π_min = 20-step typical revisit, so it only touches stale blocks.
-- Adaptive budget (the paper's Eq. 20 is not in our sources). With r = d_eff/G (participation ratio of S
-  over the number of blocks) and H the normalised entropy of S, both in (0, 1] and 1 for flat scores,
-  flatness φ = (r + H)/2 and target B* = B_min + (B_max − B_min)·φ: concentrated scores shrink the budget
-  (focus), flat scores grow it (explore). The budget follows B ← budget_ema·B + (1−budget_ema)·B*,
-  clipped to [B_min, B_max], so one noisy Δ² cannot swing it.
+Curvature (`curvature_every: K`). Every K-th step also reads ℓ₀ = L(θ) first (3 forwards that step) and
+regresses (ℓ₊ + ℓ₋ − 2ℓ₀)/ε² = uᵀHu + O(ε²), E[uᵀHu | m] = Σ_b m_b tr H_b, on the masks. Those steps draw
+their masks at π = ½ (DESIGN_PI). `sampling: curv_ratio` then samples π ∝ √(tr Ĥ_b/Ĝ_b), the review's
+rule for when curvature does not track gradient energy, with the kept mass that maximises the review's
+predicted one-step decrease (dense when they do track); dense until each unit has two ℓ₀ observations.
+On quadratics this matches MeZO per forward but does not beat it 5×: docs/optimizers.md.
+
+Every decision comes from the all-reduced losses, so it is identical on every rank, and replay (the
+seed log holds every loss, ℓ₀ included) and resume (state_dict holds the normal equations) are exact.
 """
 
 from __future__ import annotations
