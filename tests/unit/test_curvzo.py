@@ -273,14 +273,14 @@ def curv_ratio(problem, lr, seed):
 def test_curv_ratio_on_the_f3_quadratic_learns_the_optimal_pi_but_is_stability_limited():
     """The review's F3 structure (a sharp block h = 1 with 1 % of the gradient energy, a flat block h = 1e-3
     holding the rest; 10 coordinates each). At the static F3 point CurvZO learns the sampler the one-step
-    formula calls optimal (sharp kept always, flat at π_min; best_sampler: 6.2× dense's one-step decrease).
+    formula calls optimal (sharp kept always, flat at π_min; best_sampler: 11.8× dense's one-step decrease).
 
     Over a trajectory it is not 5× faster. Each at its best lr of {0.1, 0.16}, 2 seeds, to 70 % of the start
     loss: MeZO 2,534 passes, CurvZO curv_ratio 2,166 (both at 0.16; ℓ₀ included): 1.17×. To half the loss,
     1.17× too (MeZO 4,847, CurvZO 4,154); both diverge at 0.2. Both lrs are capped by the sharp block's own
     stability, lr·h·(n + 2) < 2, which no sampler that keeps that block can lift, HT pins the flat block's
     drift to lr·g, and near that cap the ZO noise pumps the sharp block until it holds most of Δ². The
-    one-step gain needs an lr 6× past the cap. We assert 0.5–2× (if it ever passes 2×, the docs must change)."""
+    one-step gain needs an lr 11.8× past the cap. We assert 0.5–2× (if it ever passes 2×, the docs must change)."""
     problem = f3_quadratic(blocks=1, size=10)
     opt = curv_ratio(problem, 0.0, seed=0)  # lr 0: the static F3 point the formula describes
     for step in range(1, 301):
