@@ -394,3 +394,15 @@ def test_replay_of_logged_losses_and_resume_from_state_are_bitwise(rules):
     b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert dict(run(range(13, 21), a, first)) == dict(run(range(13, 21), b, second))
     assert torch.equal(first.theta, second.theta) and torch.equal(first.theta, trained.theta)
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("weight_power", 0.7, "weight_power"), ("max_weight", 0.5, "max_weight"), ("curvature_every", -1, "curvature_every"),
+    ("forget", 0.0, "forget"), ("preset", "paper", "preset"), ("score", "median", "score")])
+def test_bad_curvzo_settings_are_refused_naming_the_field(field, value, words):
+    from zofsdp.config import load_config
+
+    with pytest.raises(ValueError, match=words):
+        load_config(None, [f"zo.curvzo.{field}={value}"])
+    with pytest.raises(ValueError, match="curvature_every > 0"):
+        load_config(None, ["zo.curvzo.sampling=curv_ratio"])
