@@ -29,6 +29,7 @@ F1 (uniform π = q, any α): D/D₀ = 1 / (1 + (1/q − 1)·P/E₀), P = Σ_b a_
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from pathlib import Path
 import torch
 
 from zofsdp.errors import UserError
+
+log = logging.getLogger("zofsdp")
 
 ALPHAS = (1.0, 0.5, 0.0)
 """Weight exponents the optimiser tries: Horvitz–Thompson, square root, none (Sparse-MeZO)."""
@@ -128,18 +131,21 @@ def uniform_ratio(blocks: Blocks, q: float) -> float:
 
 def project(y: torch.Tensor, n: torch.Tensor, pi_min: float, mass: float | None) -> torch.Tensor:
     """The point of [π_min, 1]^B ∩ {Σ n·π ≤ mass} nearest to y in the n-weighted norm Σ n_b(π_b − y_b)²:
-    clip(y − λ, π_min, 1) with the smallest λ ≥ 0 that meets the budget. Σ n·clip(y − λ, π_min, 1) is
-    piecewise linear in λ with knots y − 1 and y − π_min: evaluate every knot, solve the crossing segment."""
+    clip(y − λ, π_min, 1) with the smallest λ ≥ 0 that meets the budget.
+
+    M(λ) = Σ n·clip(y − λ, π_min, 1) is piecewise linear and non-increasing: block b starts to fall at the
+    knot λ = y_b − 1 (slope −n_b) and stops at λ = y_b − π_min (+n_b). Sorting the knots gives M at every
+    knot by cumulative sums; the crossing segment is then solved exactly."""
     pi = y.clamp(pi_min, 1.0)
     if mass is None or float((n * pi).sum()) <= mass:
         return pi
-    knots = torch.cat([y - 1.0, y - pi_min]).clamp_min(0.0).unique()  # sorted; mass falls as λ grows
-    masses = (n[:, None] * (y[:, None] - knots[None, :]).clamp(pi_min, 1.0)).sum(0)
-    i = int((masses > mass).sum())  # masses[i-1] > mass >= masses[i]
-    if i == len(knots):  # even λ past every knot (all at π_min) is over the budget
+    knots, order = torch.cat([y - 1.0, y - pi_min]).sort()
+    slope = torch.cat([-n, n])[order].cumsum(0)  # slope of M just after each knot
+    at_knots = n.sum() + torch.cat([knots.new_zeros(1), (slope[:-1] * knots.diff()).cumsum(0)])
+    j = int((at_knots > mass).sum())  # M(knots[j-1]) > mass >= M(knots[j])
+    if j == len(knots):  # all at π_min is still over the budget
         return torch.full_like(y, pi_min)
-    l0, l1, m0, m1 = knots[i - 1], knots[i], masses[i - 1], masses[i]
-    lam = l0 + (l1 - l0) * (m0 - mass) / (m0 - m1)
+    lam = knots[j - 1] + (at_knots[j - 1] - mass) / -slope[j - 1]
     return (y - lam).clamp(pi_min, 1.0)
 
 
@@ -226,11 +232,12 @@ def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------------- measurement
 
-QUICK = {"batches": 2, "probes": 1}
-FULL = {"batches": 20, "probes": 2}
+QUICK = {"batches": 8, "probes": 1}
+FULL = {"batches": 12, "probes": 1}
 """Batches of train.batch_size rows, and Rademacher Hessian probes per batch (`zofsdp bench --sections
-landscape`). Full: ~20 s of one core per batch on SmolLM2-135M (batch 16, ~40 tokens): the gradient with its
-graph kept ~8 s, each Hessian-vector product ~9 s, the Fisher probe one plain backward."""
+landscape`). Full: ~22 s of one core per batch on SmolLM2-135M (batch 16, ~40 tokens): the gradient with its
+graph kept ~8 s, each Hessian-vector product ~9 s, the Fisher probe one plain backward (~5 s). 12 batches
+keep it near 5 min of a quiet core; the tables give each trace's standard error."""
 BUDGETS = (0.1, 0.3, 0.5)
 """q: the kept-parameter budgets Σ n_b·π_b ≤ q·d at which the best and the uniform sampler are compared."""
 
@@ -282,7 +289,8 @@ def _fisher(scores: torch.Tensor, rows, params: list[torch.Tensor], g: torch.Gen
 def measure(session, num_batches: int, probes: int, seed: int = 0) -> dict:
     """Per-tensor figures over `num_batches` training batches (autograd; attention switched to the eager
     path because the fused CPU kernel has no double backward). Returns names, groups, n, and per batch:
-    grad_sq [N, T], hutchinson [N, P, T], fisher [N, T]; and mean_grad_sq [T] = ‖ḡ_t‖² of the batches' mean."""
+    grad_sq [N, T], hutchinson [N, P, T], fisher [N, T]; mean_grad_sq [T] = ‖ḡ_t‖² of the batches' mean, and
+    half_grad_sq [2, T] = the same over the even and the odd batches (for the split-half check)."""
     from zofsdp.train import batches
 
     model = session.model
@@ -290,12 +298,13 @@ def measure(session, num_batches: int, probes: int, seed: int = 0) -> dict:
     model.requires_grad_(True)
     names = [n for n, _ in model.named_parameters()]
     draw = batches(session.splits.train, session.cfg.train.batch_size, seed)
-    grad_sum, per_batch = None, []
+    sums, per_batch = [None, None], []  # gradient sums over the even and the odd batches
     for index in range(num_batches):
         out = batch_tensors(session, next(draw), seed * 1000 + index, probes)
-        grad = out.pop("grad")
-        grad_sum = grad if grad_sum is None else [a.add_(b) for a, b in zip(grad_sum, grad)]
+        grad, half = out.pop("grad"), index % 2
+        sums[half] = grad if sums[half] is None else [a.add_(b) for a, b in zip(sums[half], grad)]
         per_batch.append(out)
+        log.info("landscape: batch %d/%d", index + 1, num_batches)
     model.requires_grad_(False)
     groups = {name: group for name, _, group in session.backend.blocks()}
     return {"names": names, "groups": [groups[n] for n in names],
@@ -303,21 +312,25 @@ def measure(session, num_batches: int, probes: int, seed: int = 0) -> dict:
             "grad_sq": torch.stack([b["grad_sq"] for b in per_batch]),
             "hutchinson": torch.stack([b["hutchinson"] for b in per_batch]),
             "fisher": torch.stack([b["fisher"] for b in per_batch]),
-            "mean_grad_sq": _per_tensor(x / num_batches for x in grad_sum)}
+            "mean_grad_sq": _per_tensor((a + b) / num_batches for a, b in zip(*sums)),
+            "half_grad_sq": torch.stack([_per_tensor(x / len(range(h, num_batches, 2)) for x in sums[h])
+                                         for h in (0, 1)])}
 
 
-def block_stats(raw: dict, unit_of: list[int], num_units: int) -> dict:
+def block_stats(raw: dict, unit_of: list[int], num_units: int, half: int | None = None) -> dict:
     """Per-unit estimates from `measure`'s per-tensor figures (units: the tensors themselves, or layers).
 
     N batches: G = ‖ḡ‖² − V/N (unbiased for ‖E g‖², clipped at 0), V = N/(N−1)·(mean ‖g̃‖² − ‖ḡ‖²); the
     Hessian and Fisher traces are batch means with their standard errors over batches (the probe and the
-    batch-to-batch variation both in them)."""
+    batch-to-batch variation both in them). `half` = 0 or 1: from the even or the odd batches only."""
+    rows = slice(None) if half is None else slice(half, None, 2)
+    mean_sq = raw["mean_grad_sq"] if half is None else raw["half_grad_sq"][half]
     onehot = torch.zeros(len(unit_of), num_units, dtype=torch.float64)
     onehot[torch.arange(len(unit_of)), torch.tensor(unit_of)] = 1.0
-    grad_sq, mean_sq = raw["grad_sq"] @ onehot, raw["mean_grad_sq"] @ onehot
-    hess, fisher = raw["hutchinson"].mean(1) @ onehot, raw["fisher"] @ onehot
+    grad_sq, mean_sq = raw["grad_sq"][rows] @ onehot, mean_sq @ onehot
+    hess, fisher = raw["hutchinson"][rows].mean(1) @ onehot, raw["fisher"][rows] @ onehot
     num = grad_sq.shape[0]
-    noise = (grad_sq.mean(0) - mean_sq) * num / (num - 1)
+    noise = ((grad_sq.mean(0) - mean_sq) * num / (num - 1)).clamp_min(0)  # ≥ 0 but for rounding
     return {"n": (torch.tensor(raw["n"], dtype=torch.float64) @ onehot).tolist(),
             "energy": (mean_sq - noise / num).clamp_min(0).tolist(), "noise": noise.tolist(),
             "energy_biased": mean_sq.tolist(),
@@ -325,24 +338,50 @@ def block_stats(raw: dict, unit_of: list[int], num_units: int) -> dict:
             "fisher_trace": fisher.mean(0).tolist(), "fisher_trace_se": (fisher.std(0) / num**0.5).tolist()}
 
 
-def what_a_sampler_can_buy(stats: dict, curvature_key: str) -> dict:
+def _blocks(stats: dict, curvature_key: str, use: torch.Tensor) -> Blocks:
+    pick = lambda key: torch.tensor(stats[key], dtype=torch.float64)[use]
+    return Blocks.of(pick("n"), pick(curvature_key), pick("energy"), pick("noise"))
+
+
+def what_a_sampler_can_buy(stats: dict, curvature_key: str, halves: tuple[dict, dict]) -> dict:
     """For one curvature measure: how G_b/a_b spreads, the best ratio to dense MeZO that any block sampler
     reaches (no budget, and at each q), and what uniform sampling at q costs (F1). Blocks whose measured
-    trace is not positive are left out of the formulas (counted in `left_out`)."""
-    trace = torch.tensor(stats[curvature_key], dtype=torch.float64)
-    use = trace > 0
-    pick = lambda key: torch.tensor(stats[key], dtype=torch.float64)[use]
-    blocks = Blocks.of(pick("n"), trace[use], pick("energy"), pick("noise"))
+    trace is not positive (over all batches or either half) are left out of the formulas (`left_out`).
+
+    The best π is fitted to noisy G, V and a, so its in-sample ratio is biased up. `held_out`: π and α
+    fitted on the even batches, the ratio evaluated on the odd ones, and the other way round (mean)."""
+    use = torch.ones(len(stats["n"]), dtype=torch.bool)
+    for source in (stats, *halves):
+        use &= torch.tensor(source[curvature_key]) > 0
+    counts = {"left_out": int((~use).sum()), "blocks": int(use.sum()), "used": use.tolist()}
+    if float(torch.tensor(stats["energy"])[use].sum()) <= 0:  # nothing left to sample
+        return {**counts, "resolved": False}
+    blocks = _blocks(stats, curvature_key, use)
+    parts = [_blocks(h, curvature_key, use) if sum(h["energy"]) > 0 else None for h in halves]
     per_block = blocks.energy / blocks.trace
-    out = {"left_out": int((~use).sum()), "blocks": int(use.sum()),
+    out = {**counts, "resolved": True,
            "energy_over_trace": spread(per_block[per_block > 0]),
            "rank_correlation_energy_trace": rank_correlation(blocks.energy, blocks.trace),
            "noise_share": float(blocks.noise.sum() / blocks.total_energy.sum()),
            "uniform": {str(q): uniform_ratio(blocks, q) for q in BUDGETS},
-           "best": {"none": _trim(best_over_alphas(blocks))}}
-    for q in BUDGETS:
-        out["best"][str(q)] = _trim(best_over_alphas(blocks, budget=q))
+           "best": {}, "held_out": {}}
+    for q in (None, *BUDGETS):
+        key = "none" if q is None else str(q)
+        out["best"][key] = _trim(best_over_alphas(blocks, budget=q))
+        out["held_out"][key] = _held_out(parts, q)
     return out
+
+
+def _held_out(parts: list[Blocks | None], budget: float | None) -> dict:
+    """Fit π and α on one half, judge them on the other, both ways. None where a half resolved no gradient
+    energy (every G_b ≤ its noise correction: too few batches)."""
+    if None in parts:
+        return {"ratio": None, "even_to_odd": None, "odd_to_even": None}
+    crossed = []
+    for fit, check in ((parts[0], parts[1]), (parts[1], parts[0])):
+        best = best_over_alphas(fit, budget=budget)
+        crossed.append(float(ratio_to_dense(check, torch.tensor(best["pi"], dtype=torch.float64), best["alpha"])))
+    return {"ratio": sum(crossed) / 2, "even_to_odd": crossed[0], "odd_to_even": crossed[1]}
 
 
 def _trim(best: dict) -> dict:
@@ -363,10 +402,12 @@ def summarise(raw: dict) -> dict:
     specs = list(zip(raw["names"], raw["n"], raw["groups"]))
     for granularity in ("tensor", "layer"):
         units = build_units(specs, granularity)
-        stats = block_stats(raw, [units.unit_of[name] for name in raw["names"]], len(units.names))
+        unit_of = [units.unit_of[name] for name in raw["names"]]
+        stats = block_stats(raw, unit_of, len(units.names))
+        halves = tuple(block_stats(raw, unit_of, len(units.names), half) for half in (0, 1))
         out[granularity] = {"names": units.names, **stats,
-                            "hessian": what_a_sampler_can_buy(stats, "hessian_trace"),
-                            "fisher": what_a_sampler_can_buy(stats, "fisher_trace")}
+                            "hessian": what_a_sampler_can_buy(stats, "hessian_trace", halves),
+                            "fisher": what_a_sampler_can_buy(stats, "fisher_trace", halves)}
     return out
 
 
@@ -395,6 +436,10 @@ def section_landscape(args) -> dict:
 # ----------------------------------------------------------------------------------- report
 
 
+def _maybe(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.3f}"
+
+
 def _ratio_cell(best: dict) -> str:
     return f"{best['ratio']:.3f} (α {best['alpha']:g}, kept {best['kept_fraction']:.2f})"
 
@@ -406,17 +451,24 @@ def markdown_rows(results: dict) -> list[str]:
               "per-step decrease of the best block sampler and of uniform sampling, relative to dense MeZO "
               "(each at its best lr; > 1 = fewer forward passes)."), "",
              "| unit | curvature | blocks (trace ≤ 0 left out) | G/a p90/p10 | G/a max/min | Spearman(G, a) | "
-             "noise share of Δ² | best, no budget | best at q = " + " / ".join(map(str, BUDGETS)) +
-             " | uniform at q = " + " / ".join(map(str, BUDGETS)) + " |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "noise share of Δ² | best, no budget | HT (α = 1) | held out | best at q = " +
+             " / ".join(map(str, BUDGETS)) + " | held out | uniform at q = " + " / ".join(map(str, BUDGETS)) + " |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for unit in ("tensor", "layer"):
         for kind in ("hessian", "fisher"):
             v = land[unit][kind]
+            if not v["resolved"]:
+                lines.append(f"| {unit} | {kind} | {v['blocks']} ({v['left_out']}) | no positive trace with gradient "
+                             "energy: not resolved |" + " |" * 9)
+                continue
             best = " / ".join(f"{v['best'][str(q)]['ratio']:.3f}" for q in BUDGETS)
+            held = " / ".join(_maybe(v["held_out"][str(q)]["ratio"]) for q in BUDGETS)
             uniform = " / ".join(f"{v['uniform'][str(q)]:.3f}" for q in BUDGETS)
             lines.append(f"| {unit} | {kind} | {v['blocks']} ({v['left_out']}) | "
                          f"{v['energy_over_trace']['p90_over_p10']:.3g} | {v['energy_over_trace']['max_over_min']:.3g} | "
                          f"{v['rank_correlation_energy_trace']:.2f} | {v['noise_share']:.2f} | "
-                         f"{_ratio_cell(v['best']['none'])} | {best} | {uniform} |")
+                         f"{_ratio_cell(v['best']['none'])} | {v['best']['none']['ratio_by_alpha']['1.0']:.3f} | "
+                         f"{_maybe(v['held_out']['none']['ratio'])} | {best} | {held} | {uniform} |")
     layer = land["layer"]
     lines += ["", "Per layer (G = ‖E g‖², V = E‖g̃ − g‖² at this batch, traces ± standard error):", "",
               "| layer | n | G | V | tr H | Fisher trace | G / tr H |", "|---|---|---|---|---|---|---|"]
@@ -458,10 +510,9 @@ def plot(results: dict, folder: Path) -> list[Path]:
     for unit, style in (("tensor", "-"), ("layer", "--")):
         for kind, colour in (("hessian", "tab:red"), ("fisher", "tab:blue")):
             v = land[unit][kind]
-            stats = land[unit]
-            use = torch.tensor(stats[f"{kind}_trace"]) > 0
-            blocks = Blocks.of(*(torch.tensor(stats[k], dtype=torch.float64)[use] for k in
-                                 ("n", f"{kind}_trace", "energy", "noise")))
+            if not v["resolved"]:
+                continue
+            blocks = _blocks(land[unit], f"{kind}_trace", torch.tensor(v["used"]))
             right.plot(grid, [uniform_ratio(blocks, q) for q in grid], style, color=colour, alpha=0.6,
                        label=f"uniform, {unit}, {kind}")
             right.plot(list(BUDGETS) + [1.0], [v["best"][str(q)]["ratio"] for q in BUDGETS] +
