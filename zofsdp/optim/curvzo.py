@@ -68,6 +68,8 @@ class CurvZO(ZOOptimizer):
         self.ema = EmaScores(num, self.c)
         self.released = ReleasedRule(num, self.units.sizes) if released else None
         self.budget = self.released.k / num if released else self.c.budget_init
+        if self.curv_ratio_mode():
+            self.budget = 1.0  # its warm-up is dense
 
     # ------------------------------------------------------------------ decisions (identical on all ranks)
     def g_hat(self) -> torch.Tensor:
