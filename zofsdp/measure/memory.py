@@ -267,9 +267,12 @@ def measured_table(report: dict) -> str:
                          f"{_fmt(o['zo_step']['total']):>12}  {o['ratio']:.4f}  {growth:>10.0f} B  {cats}")
         if r.get("load"):
             load = r["load"]
+            # k in peak = shard + k x largest: ~0 for FSDP2's lean load, ~2.5 for DeepSpeed's zero.Init on CPU
+            k = (load['peak_anon_above_baseline'] - load['shard_bytes']) / max(load['largest_tensor_bytes'], 1)
             lines.append(f"      host peak while loading: +{_fmt(load['peak_anon_above_baseline'])} anonymous "
-                         f"(measured; shard {_fmt(load['shard_bytes'])}, largest tensor "
-                         f"{_fmt(load['largest_tensor_bytes'])}, {load['seconds']:.1f} s)")
+                         f"(measured; shard {_fmt(load['shard_bytes'])} + {k:.1f} x largest tensor "
+                         f"{_fmt(load['largest_tensor_bytes'])}; resident after "
+                         f"+{_fmt(load['anon_after'] - load['baseline_anon'])}; {load['seconds']:.1f} s)")
         rss = r["rss_bytes"]
         lines.append(f"      RSS cross-check: {_fmt(rss['after_inference'])} after inference, "
                      f"{_fmt(rss['max_rss_process'])} process maximum (includes the Python runtime, "
