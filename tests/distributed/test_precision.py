@@ -70,7 +70,8 @@ def probe_cycles(cycles: int, nproc: int, overrides: list[str]) -> list[dict]:
 
 
 @pytest.mark.parametrize(("backend", "nproc", "mode"), [
-    ("none", 0, MIXED), ("fsdp2", 2, MIXED), ("deepspeed", 2, MIXED), ("deepspeed", 2, BF16)])
+    ("none", 0, MIXED), ("fsdp2", 2, MIXED), ("deepspeed", 2, MIXED), ("deepspeed", 2, BF16),
+    ("fsdp2", 1, ["model.perturb=gathered"])])  # fp32: FSDP2's one-rank "gather" must be a copy too
 def test_probe_cycles_leave_the_shards_bit_identical(backend, nproc, mode):
     """20 probe cycles through real forwards (lr 0): 0 shard elements changed on every rank, and the forwards
     saw the probes (non-zero projected gradients). Over 1,000 cycles: tests/unit/test_precision.py."""
