@@ -243,10 +243,9 @@ BUDGETS = (0.1, 0.3, 0.5)
 
 
 def batch_tensors(session, examples: list, seed: int, probes: int) -> dict[str, torch.Tensor]:
-    """One batch's per-tensor figures, each [T] float64 in model order: the squared gradient norm
-    ‖g̃_t‖² and the gradient itself summed into `grad_sum`... (see `measure`), `probes` Hutchinson samples
-    v_tᵀ(Hv)_t with one Rademacher v over all parameters (E = tr H_t: the off-block terms average out), and
-    one Fisher sample ‖∇_t f‖² with f = Σ_{i,k} r_ik·√p_ik·(s_ik − Σ_j p_ij·s_ij), r Rademacher: its mean is
+    """One batch's figures, per tensor in model order: the gradient of the mean loss (`grad`, for the
+    batches' mean) and its squared norm ‖g̃_t‖² ([T]), `probes` Hutchinson samples v_tᵀ(Hv)_t ([P, T]) with one
+    Rademacher v over all parameters (E = tr H_t: the off-block terms average out), and one Fisher sample ‖∇_t f‖² with f = Σ_{i,k} r_ik·√p_ik·(s_ik − Σ_j p_ij·s_ij), r Rademacher: its mean is
     (1/B)·Σ_i tr(J_iᵀ(diag p_i − p_i p_iᵀ)J_i), the Gauss–Newton = Fisher trace of the mean cross-entropy
     over the candidates' scores s (the project's loss, zofsdp.scoring)."""
     import torch.nn.functional as F
@@ -506,22 +505,24 @@ def plot(results: dict, folder: Path) -> list[Path]:
     left.set_xlabel("layer (embed, 0..L−1, head)")
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
-    grid = [i / 100 for i in range(2, 101)]
-    for unit, style in (("tensor", "-"), ("layer", "--")):
-        for kind, colour in (("hessian", "tab:red"), ("fisher", "tab:blue")):
-            v = land[unit][kind]
-            if not v["resolved"]:
-                continue
-            blocks = _blocks(land[unit], f"{kind}_trace", torch.tensor(v["used"]))
-            right.plot(grid, [uniform_ratio(blocks, q) for q in grid], style, color=colour, alpha=0.6,
-                       label=f"uniform, {unit}, {kind}")
-            right.plot(list(BUDGETS) + [1.0], [v["best"][str(q)]["ratio"] for q in BUDGETS] +
-                       [v["best"]["none"]["ratio"]], "o" if unit == "tensor" else "s", color=colour,
-                       mfc="none" if unit == "layer" else colour, label=f"best, {unit}, {kind}")
+    grid, budgets = [i / 100 for i in range(2, 101)], [*BUDGETS, 1.0]
+    colours = {("tensor", "fisher"): "tab:blue", ("layer", "fisher"): "tab:cyan",
+               ("tensor", "hessian"): "tab:red", ("layer", "hessian"): "tab:orange"}
+    for (unit, kind), colour in colours.items():
+        v = land[unit][kind]
+        if not v["resolved"]:
+            continue
+        blocks = _blocks(land[unit], f"{kind}_trace", torch.tensor(v["used"]))
+        best = [v["best"][str(q)] for q in BUDGETS] + [v["best"]["none"]]
+        right.plot(grid, [uniform_ratio(blocks, q) for q in grid], "-" if kind == "fisher" else ":",
+                   color=colour, alpha=0.7, label=f"{unit}, {kind}: uniform (F1)")
+        right.plot(budgets, [b["ratio"] for b in best], "o--", color=colour, label=f"{unit}, {kind}: best, any α")
+        right.plot(budgets, [b["ratio_by_alpha"]["1.0"] for b in best], "x", color=colour, markersize=9,
+                   label=f"{unit}, {kind}: best HT (α = 1)")
     right.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     right.set_xlabel("budget q (kept fraction of the parameters; 1.0 = no budget)")
     right.set_ylabel("one-step decrease / dense MeZO's")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left")
     right.grid(alpha=0.3)
     fig.suptitle(f"{results['model']} on SST-2: gradient energy and curvature, and what a block sampler can buy")
     fig.tight_layout()
