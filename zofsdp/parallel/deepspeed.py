@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from zofsdp.config import ModelConfig, RunConfig
-from zofsdp.parallel.base import Backend, init_distributed
 from zofsdp.optim.probe import Probe
+from zofsdp.parallel.base import Backend, init_distributed
 from zofsdp.parallel.precision import autocast_forward, dtypes, gathered_probes, probe_deepspeed
 
 log = logging.getLogger(__name__)
