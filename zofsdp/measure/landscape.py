@@ -11,7 +11,7 @@ difference of a quadratic is exact, so ε drops out) and updates θ ← θ − �
 The model behind the one-step figures (what is assumed):
 - the loss is locally quadratic, L(θ − ηĝ) = L − η·gᵀĝ + ½η²·ĝᵀHĝ, with H block-diagonal and isotropic
   inside a block, H = ⊕ h_b·I_{n_b}, h_b = a_b/n_b (for a non-isotropic block the own term's 2/n_b
-  correction becomes 2·g_bᵀH_b g_b/(a_b·G_b), and cross-block curvature adds terms of the size of
+  correction becomes 2·E[g̃_bᵀH_b g̃_b]/(a_b·S_b), and cross-block curvature adds terms of the size of
   gᵀHg ≪ tr H·‖g‖²; both are dropped);
 - the step is judged on the population loss, while Δ uses a minibatch gradient g̃ = g + ξ, E ξ = 0,
   E‖ξ_b‖² = V_b, ξ independent of (m, z); correlations of ξ across blocks do not enter;
