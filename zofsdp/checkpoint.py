@@ -313,7 +313,8 @@ def resume(session, optimizer) -> TrainerState | None:
     check_model(manifest["model"], model_signature(session.model), path)
     load_shards(path, manifest, backend.local_params() + state_shards(optimizer))
     small = json.loads((path / "optimizer.json").read_text())
-    small["sharded_state_loaded"] = bool(state_shards(optimizer))  # read just above, with the weights
+    if state_shards(optimizer):  # read just above, with the weights; stateless optimizers get their state as saved
+        small["sharded_state_loaded"] = True
     try:
         optimizer.load_state_dict(small)
     except ValueError as err:  # another optimizer's or another block list's state

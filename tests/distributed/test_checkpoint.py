@@ -215,3 +215,17 @@ def test_replay_of_a_two_rank_run_is_within_one_ulp(run, tmp_path):
     size = (run("fsdp2-2") / "seedlog.bin").stat().st_size
     print(f"\nreplay of fsdp2-2: max {worst} ulp; seedlog.bin {size} bytes for {STEPS} steps", file=sys.stderr)
     assert worst <= 1
+
+
+@pytest.mark.parametrize("optimizer", ["mezo", "bszo"])
+def test_a_stateless_or_small_state_optimizer_resumes_on_one_process(tmp_path, optimizer):
+    """MeZO keeps no state (its checkpoint's optimizer.json is empty): resuming it must not trip the refusal
+    of another optimizer's state (a bug the CurvZO runs above could not catch)."""
+    args = ["train", *RUN[:-1], f"zo.optimizer={optimizer}", "train.steps=4", "train.checkpoint_every=2",
+            "parallel.backend=none"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    run_cli([*args, f"train.output_dir={whole}"])
+    run_cli([*args, f"train.output_dir={resumed}", f"train.resume={whole / CKPT / 'step_00000002'}"])
+    assert_same_trajectory(steps(whole, 3), steps(resumed, 3))
+    a, b = full_tensors(whole / CKPT / "step_00000004"), full_tensors(resumed / CKPT / "step_00000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)
