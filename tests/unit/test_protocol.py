@@ -117,6 +117,24 @@ def test_rerun_skips_finished_runs(tmp_path):
     assert again.calls == [("mezo", 3, 2.0), ("mezo:table", 3, 2.0)]
 
 
+def test_timing_runs_after_the_runs_and_again_when_an_arm_is_added(tmp_path):
+    path, fake = tmp_path / "r.jsonl", FakeTrainer()
+
+    def timing(results):
+        fake.calls.append("timing")
+        arms = {r["arm"] for r in results if r["kind"] == "run"}
+        return {"kind": "timing", "settings": SETTINGS, "step_s": dict.fromkeys(arms, 1.0)}
+
+    P.execute(plan(lrs=(1.0,)), path, fake, None, timing=timing, clock=fake.clock)
+    assert fake.calls[-1] == "timing" and fake.calls.count("timing") == 1
+    P.execute(plan(lrs=(1.0,)), path, fake, None, timing=timing, clock=fake.clock)
+    assert fake.calls.count("timing") == 1  # nothing new
+    P.execute(plan(arms=("mezo", "mezo:table", "curvzo"), lrs=(1.0,)), path, fake, None, timing=timing,
+              clock=fake.clock)
+    assert fake.calls.count("timing") == 2 and fake.calls[-1] == "timing"
+    assert set(P.steady_step_times(P.read_results(path), SETTINGS)) == {"mezo", "mezo:table", "curvzo"}
+
+
 def test_first_divergent_lr_stops_the_sweep(tmp_path):
     fake = FakeTrainer(diverge_at=2.0)
     P.execute(plan(arms=("mezo",), lrs=(1.0, 2.0, 4.0, 8.0)), tmp_path / "r.jsonl", fake, None, clock=fake.clock)

@@ -206,7 +206,8 @@ def execute(plan: Plan, results_path: Path, run_one, time_budget_s: float | None
 
     for stage in (plan.sweep, plan.main, "timing"):
         if stage == "timing":
-            if timing is not None and not timings(read_results(results_path), plan.settings):
+            timed = [set(t["step_s"]) for t in timings(read_results(results_path), plan.settings)]
+            if timing is not None and not any(set(plan.arms) <= arms for arms in timed):  # a new arm: time again
                 if out_of_time():
                     return {"launched": launched, "stopped_by_budget": True}
                 append_result(results_path, timing(read_results(results_path)))
