@@ -179,3 +179,10 @@ def test_bf16_shards_are_refused_with_the_fix():
 
     with pytest.raises(ValueError, match="fp32 shards"):
         build_optimizer(dizo(), problem().shards, seed=0, probe=Probe())
+
+
+def test_mixed_precision_probes_the_fp32_shards_in_place():
+    from zofsdp.config import ModelConfig, perturbs_gathered
+
+    assert not perturbs_gathered(ModelConfig(dtype="float32", compute_dtype="bfloat16"), "dizo")
+    assert perturbs_gathered(ModelConfig(dtype="float32", compute_dtype="bfloat16"), "mezo")
