@@ -24,6 +24,7 @@ minutes; `--report` recomputes the tables from the results file alone.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -56,7 +57,7 @@ MIN_SEEDS = 3
 
 def crossing(points: list[dict], level: float, key: str = "forward_passes") -> float | None:
     """First `key` at which the loss reaches `level`, linear between evaluations; None if it never does."""
-    for before, after in zip(points, points[1:]):
+    for before, after in itertools.pairwise(points):
         if before["loss"] <= level:
             return float(before[key])
         if after["loss"] <= level:
@@ -274,14 +275,16 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
     runs = [r for r in results if r.get("kind") == "run" and r["settings"] == settings]
     commits = sorted({r["commit"] for r in runs})
     t = timings(results, settings)
-    lines = [f"Protocol: {settings['model']}, batch {settings['batch_size']}, {settings['steps']} steps, "
-             f"{settings['num_eval']} held-out sentences ({settings['eval_split']}) at steps "
-             f"{[0, *settings['eval_steps'], settings['steps']]}; {len(runs)} runs; commits {', '.join(commits)}.", ""]
+    head = (f"Protocol: {settings['model']}, batch {settings['batch_size']}, {settings['steps']} steps, "
+            f"{settings['num_eval']} held-out sentences ({settings['eval_split']}) at steps "
+            f"{[0, *settings['eval_steps'], settings['steps']]}; {len(runs)} runs; commits {', '.join(commits)}.")
+    lines = [head, ""]
     if t:
-        lines += [f"Step times interleaved after {t[-1]['warmup']} warm-up steps, median of {t[-1]['reps']} "
-                  f"(load average {t[-1]['load_average']}; shared machine: {t[-1]['load_average'][0] > 1.5})."]
-    lines += ["", "| arm | lr | seeds | final loss | final acc | keep | step s | S50 (CI) | S50 wall (CI) | decision |"
-              " S80 (CI) | sd log S50 | step s in runs | commits |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"Step times interleaved after {t[-1]['warmup']} warm-up steps, median of {t[-1]['reps']} "
+                     f"(load average {t[-1]['load_average']}; shared machine: {t[-1]['load_average'][0] > 1.5}).")
+    columns = ("arm", "lr", "seeds", "final loss", "final acc", "keep", "step s", "S50 (CI)", "S50 wall (CI)",
+               "decision", "S80 (CI)", "sd log S50", "step s in runs", "commits")
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for arm, row in summary["arms"].items():
         s50, s80 = row.get("S50"), row.get("S80")
         wall = s50 and s50["wall"]
@@ -356,12 +359,13 @@ def _cell(s: dict | None) -> str:
 
 def protocol_settings(args) -> dict:
     steps = args.steps
-    quick = dict(model=args.model, batch_size=args.batch_size, steps=steps, eps=1e-2, num_train=48, num_eval=24,
-                 eval_split="dev", eval_steps=[s for s in (1, 2, 3, 4) if s < steps])
+    common = {"model": args.model, "batch_size": args.batch_size, "steps": steps}
+    if args.quick:
+        return {**common, "eps": 1e-2, "num_train": 48, "num_eval": 24, "eval_split": "dev",
+                "eval_steps": [s for s in (1, 2, 3, 4) if s < steps]}
     dense = EVAL_STEPS if args.eval_steps is None else args.eval_steps
-    full = dict(model=args.model, batch_size=args.batch_size, steps=steps, eps=1e-3, num_train=1000,
-                num_eval=args.num_eval, eval_split="eval", eval_steps=[s for s in dense if 0 < s < steps])
-    return quick if args.quick else full
+    return {**common, "eps": 1e-3, "num_train": 1000, "num_eval": args.num_eval, "eval_split": "eval",
+            "eval_steps": [s for s in dense if 0 < s < steps]}
 
 
 def add_arguments(p) -> None:
@@ -390,9 +394,10 @@ def overrides_for(settings: dict, lr: float, seed: int) -> list[str]:
 def commit() -> str:
     try:
         here = Path(__file__).resolve().parent
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=False)
         dirty = subprocess.run(["git", "status", "--porcelain", "--", ":(top)zofsdp"], cwd=here, capture_output=True,
-                               text=True).stdout.strip()
+                               text=True, check=False).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
@@ -465,7 +470,7 @@ def time_arms(args, settings: dict, plan: Plan, results: list[dict]) -> dict:
     with torch.no_grad():
         for rnd in range(args.timing_warmup + args.timing_reps):
             for arm, player in players.items():
-                t, _, _ = timed2(lambda: player.step(lambda: global_loss(session, batch)[0], rnd + 1))
+                t, _, _ = timed2(lambda p=player, r=rnd: p.step(lambda: global_loss(session, batch)[0], r + 1))
                 if rnd >= args.timing_warmup:
                     step_s[arm].append(t)
     backend.close()
