@@ -44,6 +44,8 @@ ARMS = {
     "adalezo:public": ["zo.optimizer=adalezo", "zo.adalezo.preset=public"],
 }
 DEFAULT_ARMS = [BASE, PLACEBO, CURVZO, UNIFORM, "adalezo"]
+ADAPTIVE = (CURVZO, "adalezo", "adalezo:public")
+"""Arms whose step cost depends on learned state: warmed up before timing."""
 EVAL_STEPS = (5, 10, 15, 20, 30, 40, 60, 80, 100, 150, 200, 300, 400, 600, 800)
 FRACTIONS = (0.5, 0.8)
 DIVERGED = 1.2
@@ -443,8 +445,9 @@ def _mean(records: list[dict], key: str, default):
 
 
 def time_arms(args, settings: dict, plan: Plan, results: list[dict]) -> dict:
-    """Median step time per arm at its lr, arms interleaved on one model: `warmup` steps each (CurvZO's budget
-    settles), then `reps` timed rounds, each arm once per round on the same batch."""
+    """Median step time per arm at its lr, arms interleaved on one model: `warmup` steps for each arm whose cost
+    moves with its state (CurvZO's budget, AdaLeZO's distinct layers; MeZO, the placebo and the fixed-budget control
+    get one), then `reps` timed rounds, each arm once per round on the same batch."""
     import torch
 
     from zofsdp.config import load_config
@@ -470,6 +473,9 @@ def time_arms(args, settings: dict, plan: Plan, results: list[dict]) -> dict:
     with torch.no_grad():
         for rnd in range(args.timing_warmup + args.timing_reps):
             for arm, player in players.items():
+                warm = args.timing_warmup if arm in ADAPTIVE else 1
+                if rnd < args.timing_warmup - warm:
+                    continue
                 t, _, _ = timed2(lambda p=player, r=rnd: p.step(lambda: global_loss(session, batch)[0], r + 1))
                 if rnd >= args.timing_warmup:
                     step_s[arm].append(t)
