@@ -24,8 +24,8 @@ SETTINGS = ["model.name_or_path=smollm2-135m", "model.dtype=float32", "data.task
             "train.overwrite=true", "zo.eps=1e-3", "zo.noise_threads=1", "parallel.backend=none"]
 """zo.eps is MeZO's 1e-3 for all (DiZO's ε_p is its own field)."""
 
-GRID = {"mezo": [1e-4, 3e-4], "curvzo": [1e-4, 3e-4], "adalezo": [1e-4, 3e-4], "bszo": [1e-4, 3e-4],
-        "bszo_b": [1e-4, 3e-4], "hizoo": [1e-4, 3e-4], "dizo": [1e-4, 3e-4], "zo_adam": [1e-5, 1e-4],
+GRID = {"mezo": [1e-4, 3e-4], "dizo": [1e-4, 3e-4], "zo_adam": [1e-5, 1e-4], "hizoo": [1e-4, 3e-4],
+        "curvzo": [1e-4, 3e-4], "adalezo": [1e-4, 3e-4], "bszo": [1e-4, 3e-4], "bszo_b": [1e-4, 3e-4],
         "loren": [1e-5, 3e-5]}
 """SGD-like updates around MeZO's SmolLM2 1e-4 (docs/optimizers.md); ZO-Adam's per-element steps and
 LOREN's undamped momentum (×~10) lower."""
