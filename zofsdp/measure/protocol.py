@@ -250,6 +250,7 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
                "final_accuracy": float(np.mean([r["points"][-1]["accuracy"] for r in runs.values()])),
                "mean_keep_fraction": float(np.mean([r["mean_keep_fraction"] for r in runs.values()])),
                "step_s": step_s.get(arm), "commits": sorted({r["commit"] for r in runs.values()}),
+               "diverged": sum(r["diverged"] for r in runs.values()),
                "run_step_s": float(np.median([r["median_step_s"] for r in runs.values()]))}
         for f in FRACTIONS:
             s = speedups(base, runs, target_loss(list(base.values()), f))
@@ -291,7 +292,8 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
         s50, s80 = row.get("S50"), row.get("S80")
         wall = s50 and s50["wall"]
         lines.append(" | ".join([
-            f"| {arm}", f"{row['lr']:g}", str(len(row["seeds"])), f"{row['final_loss']:.4f}",
+            f"| {arm}", f"{row['lr']:g}", str(len(row["seeds"])) + (f" ({row['diverged']} diverged)" if row["diverged"]
+                                                                   else ""), f"{row['final_loss']:.4f}",
             f"{row['final_accuracy']:.3f}", f"{row['mean_keep_fraction']:.2f}",
             f"{row['step_s']:.2f}" if row["step_s"] else "-", _cell(s50),
             f"{wall['geomean']:.2f} ({wall['ci'][0]:.2f}–{wall['ci'][1]:.2f})" if wall else "-",
