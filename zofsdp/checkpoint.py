@@ -46,8 +46,8 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 # Config keys that do not change which weights a step produces: changing them on resume is silent.
 HARMLESS = ("train.steps", "train.output_dir", "train.resume", "train.checkpoint_every", "train.keep_checkpoints",
-            "train.eval_every", "train.eval_batch_size", "train.save_model", "train.save_dtype", "train.log_every",
-            "train.dump_state_every", "train.overwrite", "data.num_eval", "data.num_dev", "data.eval_split",
+            "train.eval_every", "train.eval_steps", "train.eval_batch_size", "train.save_model", "train.save_dtype",
+            "train.log_every", "train.dump_state_every", "train.overwrite", "data.num_eval", "data.num_dev", "data.eval_split",
             "zo.noise_threads", "model.cache_dir", "parallel.")
 
 

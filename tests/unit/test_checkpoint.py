@@ -94,7 +94,7 @@ def test_another_model_is_refused_naming_what_differs(tmp_path):
 def test_trajectory_changes_list_what_matters_only():
     old = to_dict(load_config(None, []))
     new = to_dict(load_config(None, ["zo.lr=3e-4", "train.steps=999", "train.output_dir=x", "train.seed=5",
-                                     "parallel.backend=fsdp2", "zo.noise_threads=3"]))
+                                     "parallel.backend=fsdp2", "zo.noise_threads=3", "train.eval_steps=[5,10]"]))
     changes = checkpoint.trajectory_changes(old, new)
     assert sorted(c.split(":")[0] for c in changes) == ["train.seed", "zo.lr"], changes
 
