@@ -59,6 +59,12 @@ def make_tracker(model: nn.Module):
 
     tracker = NoGradMemTracker()
     tracker.track_external(model)  # parameters exist before the tracker: register them as such
+    # ZeRO-3 keeps the weights in each parameter's `ds_tensor` (the partition), not in the parameter the
+    # module holds: register them too, or a forward would not count them while a step, whose noise pass
+    # writes them, would (a whole partition of false "step overhead").
+    partitions = [p.ds_tensor for p in model.parameters() if getattr(p, "ds_tensor", None) is not None]
+    if partitions:
+        tracker.track_external(*partitions)
     return tracker
 
 
