@@ -124,10 +124,15 @@ class CurvZOConfig:
     """Move the budget with the flatness of the scores; false keeps budget_init."""
     granularity: Literal["tensor", "layer"] = "layer"
     """A block is one parameter tensor, or one layer group (`embed`, `layers.<i>`, `head`)."""
-    score: Literal["regression", "ema", "uniform"] = "regression"
+    score: Literal["regression", "ema", "uniform", "fixed"] = "regression"
     """How block scores are learned: `regression` estimates G_b = ‖g_b‖² by least squares of Δ² on the masks;
     `ema` is the old kept-only EMA of Δ²/π² (uninformative: kept for comparison); `uniform` learns nothing,
-    π = budget_init everywhere and the budget fixed (the uniform-sparse control)."""
+    π = budget_init everywhere and the budget fixed (the uniform-sparse control); `fixed` learns nothing
+    either and keeps each unit with the probability that `probs_file` gives it."""
+    probs_file: str = ""
+    """score=fixed: a JSON file of keep probabilities, either {"unit name": π} naming every unit (π in (0, 1];
+    pi_min does not apply), or a `zofsdp bench --sections landscape` JSON, whose best sampler (Fisher
+    traces, no budget) for this granularity is used: the oracle control of docs/protocol.md."""
     sampling: Literal["sqrt_g", "curv_ratio"] = "sqrt_g"
     """π_b ∝ √Ĝ_b (`sqrt_g`), or π_b ∝ √(tr H_b / G_b) (`curv_ratio`, needs curvature_every > 0)."""
     curvature_every: int = 0
@@ -355,6 +360,9 @@ def check_curvzo_rules(c: CurvZOConfig) -> None:
                          f"{c.max_weight}, {c.forget}")
     if c.preset not in ("", "released"):
         raise ValueError(f"zo.curvzo.preset must be '' or 'released', got {c.preset!r}")
+    if (c.score == "fixed") != bool(c.probs_file):
+        raise ValueError("zo.curvzo.score=fixed and zo.curvzo.probs_file go together (the file gives the keep "
+                         f"probabilities); got score={c.score!r}, probs_file={c.probs_file!r}")
     if c.sampling == "curv_ratio" and c.curvature_every == 0:
         raise ValueError("zo.curvzo.sampling=curv_ratio needs zo.curvzo.curvature_every > 0 (tr H_b comes "
                          "from the third forward ℓ₀)")

@@ -42,6 +42,9 @@ ARMS = {
     UNIFORM: ["zo.optimizer=curvzo", "zo.curvzo.score=uniform"],  # + budget_init = CurvZO's mean budget
     "adalezo": ["zo.optimizer=adalezo"],
     "adalezo:public": ["zo.optimizer=adalezo", "zo.adalezo.preset=public"],
+    # the oracle control: the landscape bench's best (biased, α = 0) layer sampler, fixed; run from the repo root
+    "curvzo:landscape": ["zo.optimizer=curvzo", "zo.curvzo.score=fixed", "zo.curvzo.probs_file=docs/landscape.json",
+                         "zo.curvzo.weight_power=0"],
 }
 DEFAULT_ARMS = [BASE, PLACEBO, CURVZO, UNIFORM, "adalezo"]
 ADAPTIVE = (CURVZO, "adalezo", "adalezo:public")

@@ -16,6 +16,7 @@ What drives π (`score`; block_stats.py explains the estimators):
 - `ema`: the first rule, kept for comparison: an EMA of Δ²/π_b² over the steps b was kept. All kept units
   share one Δ², so it converges to a nearly flat function of G_b: it does not rank the units.
 - `uniform`: π = budget_init everywhere, nothing learned, budget fixed: the uniform-sparse control.
+- `fixed`: π per unit read from `probs_file` (e.g. the landscape bench's best sampler: an oracle control).
 - `preset: released` replaces all of this by the released code's rules (block_stats.ReleasedRule).
 Adaptive budget (regression, ema): flatness φ = (d_eff/G + H)/2 of the normalised scores, target
 B* = B_min + (B_max − B_min)·φ, B ← budget_ema·B + (1 − budget_ema)·B*, clipped to [B_min, B_max].
@@ -38,7 +39,7 @@ import torch
 from zofsdp.noise import Shard
 from zofsdp.optim.base import LossFn, ZOOptimizer
 from zofsdp.optim.block_stats import EmaScores, MaskRegression, ReleasedRule, best_scale
-from zofsdp.optim.sampling import BlockSpec, budgeted_probs, build_units, concentration, generator
+from zofsdp.optim.sampling import BlockSpec, budgeted_probs, build_units, concentration, generator, read_probs
 
 MASK_TAG = 0xC0_2F  # mixes into the mask generator's seed so masks never reuse the noise's streams
 FLOOR = 1e-6  # curv_ratio: estimates below this fraction of the largest count as this (noise, not zero)
@@ -68,6 +69,9 @@ class CurvZO(ZOOptimizer):
         self.ema = EmaScores(num, self.c)
         self.released = ReleasedRule(num, self.units.sizes) if released else None
         self.budget = self.released.k / num if released else self.c.budget_init
+        self.fixed = read_probs(self.c.probs_file, self.units, self.c.granularity) if self.c.score == "fixed" else None
+        if self.fixed is not None:
+            self.budget = float((self.units.sizes * self.fixed).sum()) / self.units.total
         if self.curv_ratio_mode():
             self.budget = 1.0  # its warm-up is dense
 
@@ -83,6 +87,8 @@ class CurvZO(ZOOptimizer):
             s = self.ema.scores()
         elif self.c.score == "uniform":
             s = torch.ones(len(self.units.names), dtype=torch.float64)
+        elif self.fixed is not None:
+            s = self.fixed.square()  # π ∝ √S
         elif self.curvature_ready():
             s = self.curv_ratio()
         else:
@@ -112,6 +118,8 @@ class CurvZO(ZOOptimizer):
     def keep_probs(self) -> torch.Tensor:
         if self.released is not None:
             return self.released.probs()
+        if self.fixed is not None:
+            return self.fixed.clone()
         if self.curvature_ready():  # π ∝ √(tr H_b/G_b), its mass the one the quadratic model prefers
             h, g = self.floored()
             return best_scale((h / g).sqrt(), self.units.sizes, h, g, self.c.weight_power, self.c.pi_min)
@@ -151,7 +159,7 @@ class CurvZO(ZOOptimizer):
         if self.curv_ratio_mode():  # the mass best_scale (or the warm-up) chose: reported, not fed back
             self.budget = float((self.units.sizes * self.keep_probs()).sum()) / self.units.total
             return
-        if not self.c.adaptive_budget or self.c.score == "uniform" or self.released is not None:
+        if not self.c.adaptive_budget or self.c.score in ("uniform", "fixed") or self.released is not None:
             return
         d_eff_ratio, entropy = concentration(self.scores())
         flatness = (d_eff_ratio + entropy) / 2

@@ -10,8 +10,10 @@ Every decision here must come out identical on every rank. Two rules make sure o
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,6 +59,25 @@ def build_units(blocks: list[BlockSpec], granularity: str) -> Units:
         sizes[index[key]] += numel
         unit_of[name] = index[key]
     return Units(names, torch.tensor(sizes, dtype=torch.float64), unit_of)
+
+
+def read_probs(path: str, units: Units, granularity: str) -> torch.Tensor:
+    """Keep probabilities per unit from a JSON file: {"unit": π} naming every unit, or a landscape bench
+    JSON (its best sampler from Fisher traces, no budget, at this granularity). Errors say what to fix."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"zo.curvzo.probs_file {path!r} does not exist")
+    data = json.loads(file.read_text())
+    if "landscape" in data:
+        if granularity not in data["landscape"]:
+            raise ValueError(f"{path}: the landscape JSON has no {granularity!r} units (zo.curvzo.granularity)")
+        table = data["landscape"][granularity]
+        data = dict(zip(table["names"], table["fisher"]["best"]["none"]["pi"]))
+    missing = [n for n in units.names if n not in data]
+    if missing or any(not 0 < float(data[n]) <= 1 for n in units.names):
+        raise ValueError(f"{path} must give every unit a keep probability in (0, 1]; missing {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} of {len(units.names)} {granularity} units")
+    return torch.tensor([float(data[n]) for n in units.names], dtype=torch.float64)
 
 
 def generator(seed: int, step: int, tag: int) -> torch.Generator:
