@@ -193,3 +193,21 @@ def test_protocol_on_the_tiny_model(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "c.json").read_text())["protocol"]
     assert report["table"] == first["table"] and report["launched"] == 0
     assert "| mezo:table | 0.001 | 1 |" in report["table"]
+
+
+def test_every_arm_is_a_valid_config_and_the_landscape_arm_reads_the_committed_sampler(monkeypatch):
+    """Each arm's overrides load; curvzo:landscape's probs_file (relative: the protocol runs from the repo root)
+    gives all 32 SmolLM2 layer units a probability from docs/landscape.json's best layer sampler."""
+    from zofsdp.config import load_config
+    from tests.conftest import ROOT
+    from zofsdp.optim.sampling import build_units, read_probs
+
+    monkeypatch.chdir(ROOT)
+    for overrides in P.ARMS.values():
+        load_config(None, list(overrides))
+    cfg = load_config(None, list(P.ARMS["curvzo:landscape"])).zo.curvzo
+    groups = ["embed", *(f"layers.{i}" for i in range(30)), "head"]
+    units = build_units([(f"{g}.weight", 10, g) for g in groups], cfg.granularity)
+    probs = read_probs(cfg.probs_file, units, cfg.granularity)
+    assert probs.numel() == 32 and bool(((probs > 0) & (probs <= 1)).all())
+    assert cfg.weight_power == 0.0
