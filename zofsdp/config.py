@@ -406,13 +406,11 @@ a gathered probe cannot apply it, so they perturb fp32 shards in place."""
 
 
 def perturbs_gathered(model: ModelConfig, optimizer: str = "mezo") -> bool:
-    """Whether probes go to the gathered parameters (model.perturb resolved; see ModelConfig.perturb).
-    bf16/fp16 shards always: +εz, −2εz, +εz in place would not restore them (check_precision refuses
-    perturb=shards there; this is the one place the backends ask)."""
-    if model.dtype != "float32":
-        return True
+    """Whether probes go to the gathered parameters (model.perturb resolved; see ModelConfig.perturb)."""
     if model.perturb != "auto":
         return model.perturb == "gathered"
+    if model.dtype != "float32":
+        return True
     return compute_dtype(model) != model.dtype and optimizer not in IN_PLACE_ONLY
 
 

@@ -195,7 +195,7 @@ class DeepSpeedBackend(Backend):
 
         self.ds_config = deepspeed_config(cfg)  # a config that cannot work fails here, before any collective
         self.store_dtype, self.compute_dtype = dtypes(cfg)
-        self.gathered = gathered_probes(cfg)  # always for bf16/fp16 partitions (config.perturbs_gathered)
+        self.gathered = gathered_probes(cfg) or self.store_dtype != torch.float32
         self.rank, self.world_size, self.device = init_distributed(cfg.parallel.timeout_minutes)
         # Wraps the process group made above (deepspeed's comm layer must know it before initialize).
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",

@@ -22,7 +22,7 @@ class FSDP2Backend(Backend):
     probe: Probe | None = None
     """Set when probes go to the gathered parameters (bf16/fp16 shards, mixed; model.perturb)."""
     gathered = False
-    """model.perturb resolved (zofsdp.config.perturbs_gathered: always for bf16/fp16 shards)."""
+    """model.perturb resolved (zofsdp.config.perturbs_gathered); bf16/fp16 shards always use the probe."""
 
     def __init__(self, cfg=None) -> None:
         self.store_dtype, self.compute_dtype = dtypes(cfg)
@@ -51,7 +51,7 @@ class FSDP2Backend(Backend):
         # The root (embeddings, final norm, lm head) must reshard too: left unsharded after a forward,
         # edits to its shards would be silently ignored by the next forward.
         fully_shard(model, mesh=mesh, reshard_after_forward=True, mp_policy=mp)
-        if self.gathered:  # probes go to the gathered copies
+        if self.gathered or self.store_dtype != torch.float32:  # probes go to the gathered copies
             self.probe = Probe()
             probe_fsdp2_units(model, layers, self.probe)
         self.model = model

@@ -16,7 +16,7 @@ class NoneBackend(Backend):
     probe: Probe | None = None
     """Set when probes go to copies (bf16/fp16 weights, mixed): the optimizer's probes reach only the forwards."""
     gathered = False
-    """model.perturb resolved (zofsdp.config.perturbs_gathered: always for bf16/fp16 weights)."""
+    """model.perturb resolved (zofsdp.config.perturbs_gathered); bf16/fp16 weights always use the probe."""
 
     def __init__(self, cfg=None) -> None:
         self.store_dtype, self.compute_dtype = dtypes(cfg)
@@ -35,7 +35,7 @@ class NoneBackend(Backend):
         weights are never perturbed; one tensor's copy is alive at a time."""
         if self.compute_dtype != self.store_dtype:
             autocast_forward(model, self.compute_dtype, self.device)
-        if self.gathered:
+        if self.gathered or self.store_dtype != torch.float32:
             self.probe = Probe()
             probe_by_swapping(model, self.probe)
 
