@@ -133,10 +133,15 @@ class CurvZOConfig:
     """score=fixed: a JSON file of keep probabilities, either {"unit name": π} naming every unit (π in (0, 1];
     pi_min does not apply), or a `zofsdp bench --sections landscape` JSON, whose best sampler (Fisher
     traces, no budget) for this granularity is used: the oracle control of docs/protocol.md."""
-    sampling: Literal["sqrt_g", "curv_ratio"] = "sqrt_g"
-    """π_b ∝ √Ĝ_b (`sqrt_g`), or π_b ∝ √(tr H_b / G_b) (`curv_ratio`, needs curvature_every > 0)."""
+    sampling: Literal["sqrt_g", "curv_ratio", "curv_step"] = "sqrt_g"
+    """π_b ∝ √Ĝ_b (`sqrt_g`); π_b ∝ √(tr H_b / G_b) (`curv_ratio`, the review's unbiased rule); or `curv_step`:
+    while lr·Σ tr Ĥ_b > curvature_budget, ℓ₀ on every step, the step capped at lr·uᵀHu = curvature_budget and
+    π_b ∝ Ĝ_b/tr Ĥ_b (a block preconditioner, weight_power 0), else dense MeZO. Both need curvature_every > 0."""
     curvature_every: int = 0
     """K: every K steps a third forward ℓ₀ at θ estimates uᵀHu, regressed on the masks for tr H_b; 0 = off."""
+    curvature_budget: float = 1.0
+    """κ (sampling=curv_step): the largest lr·uᵀHu a step may take along its probe. A step along u diverges
+    past 2 (MeZO's instability); κ = 1 is half of that."""
     weight_power: float = 1.0
     """α: the update weight is π_b^(−α) (1 = Horvitz–Thompson, unbiased; 0 = no reweighting), times
     budget^(α−1) so that the lr keeps its meaning across α."""
@@ -363,9 +368,15 @@ def check_curvzo_rules(c: CurvZOConfig) -> None:
     if (c.score == "fixed") != bool(c.probs_file):
         raise ValueError("zo.curvzo.score=fixed and zo.curvzo.probs_file go together (the file gives the keep "
                          f"probabilities); got score={c.score!r}, probs_file={c.probs_file!r}")
-    if c.sampling == "curv_ratio" and c.curvature_every == 0:
-        raise ValueError("zo.curvzo.sampling=curv_ratio needs zo.curvzo.curvature_every > 0 (tr H_b comes "
+    if c.sampling in ("curv_ratio", "curv_step") and c.curvature_every == 0:
+        raise ValueError(f"zo.curvzo.sampling={c.sampling} needs zo.curvzo.curvature_every > 0 (tr H_b comes "
                          "from the third forward ℓ₀)")
+    if c.sampling == "curv_step" and (c.weight_power != 0 or c.score != "regression" or c.preset):
+        raise ValueError("zo.curvzo.sampling=curv_step samples as a block preconditioner: it needs "
+                         "zo.curvzo.weight_power=0, score=regression and no preset; got "
+                         f"{c.weight_power}, {c.score!r}, {c.preset!r}")
+    if not c.curvature_budget > 0:
+        raise ValueError(f"zo.curvzo.curvature_budget must be > 0, got {c.curvature_budget}")
 
 
 def check_new_optimizers(zo: ZOConfig) -> None:
