@@ -111,7 +111,7 @@ class AdaLeZO(ZOOptimizer):
         weight = self.bandit.weights(counts, probs).tolist()
         drawn = [s for s in self.shards if counts[units.unit_of[s.name]] > 0]
         names = [n for n, _, _ in self.blocks if counts[units.unit_of[n]] > 0]  # all ranks' tensors
-        record = {"keep_fraction": float((units.sizes * (counts > 0)).sum()) / units.total,
+        record = {"keep_fraction": units.fraction(counts > 0),
                   "num_layers_drawn": int((counts > 0).sum()), "forward_passes": 2}
         self.perturb(drawn, key, +eps, names)
         loss_plus = loss_fn()

@@ -87,7 +87,7 @@ class CurvZO(ZOOptimizer):
         self.budget = self.released.k / num if released else self.c.budget_init
         self.fixed = read_probs(self.c.probs_file, self.units, self.c.granularity) if self.c.score == "fixed" else None
         if self.fixed is not None:
-            self.budget = float((self.units.sizes * self.fixed).sum()) / self.units.total
+            self.budget = self.units.fraction(self.fixed)
         if self.curv_ratio_mode() or self.guarded():
             self.budget = 1.0  # dense until the statistics say otherwise
 
@@ -216,7 +216,7 @@ class CurvZO(ZOOptimizer):
 
     def update_budget(self) -> None:
         if self.curv_ratio_mode() or self.guarded():  # the mass chosen by the rule: reported, not fed back
-            self.budget = float((self.units.sizes * self.keep_probs()).sum()) / self.units.total
+            self.budget = self.units.fraction(self.keep_probs())
             return
         if not self.c.adaptive_budget or self.c.score in ("uniform", "fixed") or self.released is not None:
             return
@@ -235,7 +235,7 @@ class CurvZO(ZOOptimizer):
         keep = self.draw_mask(probs, step)
         kept = [s for s in self.shards if bool(keep[self.units.unit_of[s.name]])]
         names = [n for n, _, _ in self.blocks if bool(keep[self.units.unit_of[n]])]  # all ranks' tensors
-        record = {"keep_fraction": float((self.units.sizes * keep).sum()) / self.units.total,
+        record = {"keep_fraction": self.units.fraction(keep),
                   "budget": self.budget, "forward_passes": 2}
         if not bool(keep.any()):  # nothing to probe: ĝ = 0 (still unbiased); one forward for the log
             self.update_budget()

@@ -43,6 +43,10 @@ class Units:
     def total(self) -> float:
         return float(self.sizes.sum())
 
+    def fraction(self, per_unit: torch.Tensor) -> float:
+        """Σ n_b·x_b / Σ n_b: the fraction of parameters kept by a 0/1 mask, or expected under probabilities."""
+        return float((self.sizes * per_unit).sum()) / self.total
+
 
 def build_units(blocks: list[BlockSpec], granularity: str) -> Units:
     """One unit per tensor (`tensor`) or per layer group (`layer`), in model order."""
