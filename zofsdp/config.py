@@ -124,11 +124,15 @@ class CurvZOConfig:
     """Move the budget with the flatness of the scores; false keeps budget_init."""
     granularity: Literal["tensor", "layer"] = "layer"
     """A block is one parameter tensor, or one layer group (`embed`, `layers.<i>`, `head`)."""
-    score: Literal["regression", "ema", "uniform", "fixed"] = "regression"
+    score: Literal["regression", "ema", "uniform", "fixed", "snr"] = "regression"
     """How block scores are learned: `regression` estimates G_b = ‖g_b‖² by least squares of Δ² on the masks;
     `ema` is the old kept-only EMA of Δ²/π² (uninformative: kept for comparison); `uniform` learns nothing,
     π = budget_init everywhere and the budget fixed (the uniform-sparse control); `fixed` learns nothing
-    either and keeps each unit with the probability that `probs_file` gives it."""
+    either and keeps each unit with the probability that `probs_file` gives it; `snr` scores every
+    `snr_every`-th probe on a second batch too (2 more forwards) and samples π ∝ Ĝ_b/V̂_b, population gradient
+    energy over batch noise (the landscape oracle's G/Fisher ranking, learned from the losses)."""
+    snr_every: int = 4
+    """score=snr: every this many steps the probe is also scored on the step's extra batch 1."""
     probs_file: str = ""
     """score=fixed: a JSON file of keep probabilities, either {"unit name": π} naming every unit (π in (0, 1];
     pi_min does not apply), or a `zofsdp bench --sections landscape` JSON, whose best sampler (Fisher
@@ -375,6 +379,8 @@ def check_curvzo_rules(c: CurvZOConfig) -> None:
         raise ValueError("zo.curvzo.sampling=curv_step samples as a block preconditioner: it needs "
                          "zo.curvzo.weight_power=0, score=regression and no preset; got "
                          f"{c.weight_power}, {c.score!r}, {c.preset!r}")
+    if c.snr_every < 1:
+        raise ValueError(f"zo.curvzo.snr_every must be >= 1, got {c.snr_every}")
     if not c.curvature_budget > 0:
         raise ValueError(f"zo.curvzo.curvature_budget must be > 0, got {c.curvature_budget}")
 

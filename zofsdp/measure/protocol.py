@@ -47,6 +47,8 @@ ARMS = {
                          "zo.curvzo.weight_power=0"],
     # the oracle's rule with π learned: CurvZO's own √Ĝ sampler under its budget, not reweighted (α = 0)
     "curvzo:a0": ["zo.optimizer=curvzo", "zo.curvzo.weight_power=0"],
+    # the oracle's ranking learned: π ∝ population energy / batch noise from one probe on two batches
+    "curvzo:snr": ["zo.optimizer=curvzo", "zo.curvzo.score=snr", "zo.curvzo.weight_power=0"],
     # the learned preconditioner: capped curvature steps and π ∝ Ĝ/tr Ĥ while lr·Σ tr Ĥ > κ, else MeZO + ℓ₀
     "curvzo:step": ["zo.optimizer=curvzo", "zo.curvzo.sampling=curv_step", "zo.curvzo.curvature_every=10",
                     "zo.curvzo.weight_power=0"],

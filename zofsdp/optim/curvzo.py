@@ -17,6 +17,11 @@ What drives π (`score`; block_stats.py explains the estimators):
   share one Δ², so it converges to a nearly flat function of G_b: it does not rank the units.
 - `uniform`: π = budget_init everywhere, nothing learned, budget fixed: the uniform-sparse control.
 - `fixed`: π per unit read from `probs_file` (e.g. the landscape bench's best sampler: an oracle control).
+- `snr`: every `snr_every`-th step the same probe is also scored on a second batch, Δ' = uᵀ(ḡ + ξ'), so
+  E[Δ·Δ' | m] = Σ_b m_b‖ḡ_b‖² (the two batches' noises ξ, ξ' are independent) while E[Δ² | m] =
+  Σ_b m_b(‖ḡ_b‖² + V_b). Two regressions on the masks give the population energy P̂_b and the batch noise
+  V̂_b = Ĝ_b − P̂_b; S = ((P̂_b + EXPLORE·mean P̂)/V̂_b)², so π ∝ P̂_b/V̂_b: a per-unit signal-to-noise, the
+  ranking (G over Fisher trace) of the landscape bench's best biased sampler. Use it with weight_power 0.
 - `preset: released` replaces all of this by the released code's rules (block_stats.ReleasedRule).
 Adaptive budget (regression, ema): flatness φ = (d_eff/G + H)/2 of the normalised scores, target
 B* = B_min + (B_max − B_min)·φ, B ← budget_ema·B + (1 − budget_ema)·B*, clipped to [B_min, B_max].
@@ -82,6 +87,8 @@ class CurvZO(ZOOptimizer):
         """Δ² regressed on the masks: Ĝ_b = ‖g_b‖² (+ minibatch variance)."""
         self.curvature = MaskRegression(num, self.c.forget)
         """(ℓ₊ + ℓ₋ − 2ℓ₀)/ε² regressed on the masks: tr H_b (only fed when curvature_every > 0)."""
+        self.signal = MaskRegression(num, self.c.forget)
+        """Δ·Δ' (the probe on two batches) regressed on the masks: ‖ḡ_b‖² without batch noise (score=snr)."""
         self.ema = EmaScores(num, self.c)
         self.released = ReleasedRule(num, self.units.sizes) if released else None
         self.budget = self.released.k / num if released else self.c.budget_init
@@ -105,6 +112,8 @@ class CurvZO(ZOOptimizer):
             s = torch.ones(len(self.units.names), dtype=torch.float64)
         elif self.fixed is not None:
             s = self.fixed.square()  # π ∝ √S
+        elif self.c.score == "snr":
+            s = self.snr()
         elif self.curvature_ready():
             s = self.curv_ratio()
         else:
@@ -113,6 +122,16 @@ class CurvZO(ZOOptimizer):
         if float(s.sum()) <= 0:
             s = torch.ones_like(s)
         return s / s.sum()
+
+    def snr(self) -> torch.Tensor:
+        """score=snr: ((P̂ + EXPLORE·mean P̂)/V̂)², flat until every unit has a two-batch observation."""
+        num = len(self.units.names)
+        if self.signal.num_obs < num:
+            return torch.ones(num, dtype=torch.float64)
+        p = self.signal.estimate().clamp_min(0)
+        v = self.g_hat() - self.signal.estimate()
+        v = v.clamp_min(H_FLOOR * max(float(v.max()), 1e-300))
+        return ((p + EXPLORE * p.mean()) / v).square()
 
     def curv_ratio_mode(self) -> bool:
         return self.c.sampling == "curv_ratio" and self.c.score == "regression" and self.released is None
@@ -243,12 +262,13 @@ class CurvZO(ZOOptimizer):
             skipped = {} if self.finite(loss) else {"skipped": True}  # counted like any non-finite step
             return {"loss": loss, "projected_grad": 0.0, **record, "forward_passes": 1, **skipped}
         loss_zero = loss_fn() if measure else None  # ℓ₀ at θ, before any perturbation
+        second = self.c.score == "snr" and step % self.c.snr_every == 0  # the probe on extra batch 1 too
         self.perturb(kept, key, +eps, names)
-        loss_plus = loss_fn()
+        loss_plus, plus_2 = loss_fn(), loss_fn(batch=1) if second else 0.0
         self.perturb(kept, key, -2 * eps, names)
-        loss_minus = loss_fn()
-        record["forward_passes"] = 2 + (loss_zero is not None)
-        if not self.finite(loss_plus, loss_minus, 0.0 if loss_zero is None else loss_zero):
+        loss_minus, minus_2 = loss_fn(), loss_fn(batch=1) if second else 0.0
+        record["forward_passes"] = 2 + (loss_zero is not None) + 2 * second
+        if not self.finite(loss_plus, loss_minus, 0.0 if loss_zero is None else loss_zero, plus_2, minus_2):
             self.perturb(kept, key, +eps, names)  # restore only; scores and budget untouched
             return {"loss": float("nan"), "projected_grad": float("nan"), **record, "skipped": True}
         g = (loss_plus - loss_minus) / (2 * eps)
@@ -259,6 +279,8 @@ class CurvZO(ZOOptimizer):
         else:
             weights = [1.0] * len(probs) if design else self.update_weights(probs)  # see DESIGN_PI
         self.restore_and_update(kept, key, eps, lambda s: g * weights[self.units.unit_of[s.name]])
+        if second:
+            self.signal.add(keep, g * (plus_2 - minus_2) / (2 * eps))
         self.learn(keep, probs, g, step, curvature)
         return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, **record}
 
@@ -272,7 +294,8 @@ class CurvZO(ZOOptimizer):
         blocks = {name: {"score": s, "keep_prob": p, "g_hat": gb, "trace_h": hb, "num_kept": k, "second_moment": f}
                   for name, s, p, gb, hb, k, f in zip(self.units.names, scores, probs, g, h, kept, raw)}
         state = {"optimizer": "curvzo", "budget": self.budget, "blocks": blocks,
-                 "energy": self.energy.state_dict(), "curvature": self.curvature.state_dict()}
+                 "energy": self.energy.state_dict(), "curvature": self.curvature.state_dict(),
+                 "signal": self.signal.state_dict()}
         if self.released is not None:
             state["released"] = self.released.state_dict()
         return state
@@ -286,6 +309,8 @@ class CurvZO(ZOOptimizer):
         self.ema.num_kept = torch.tensor([blocks[n]["num_kept"] for n in self.units.names], dtype=torch.int64)
         self.energy.load_state_dict(state["energy"])
         self.curvature.load_state_dict(state["curvature"])
+        if "signal" in state:  # checkpoints from before score=snr have none
+            self.signal.load_state_dict(state["signal"])
         if self.released is not None:
             self.released.load_state_dict(state["released"])
         self.budget = float(state["budget"])
