@@ -68,8 +68,9 @@ Without them the estimates stall once π reaches 1 (all-ones masks identify only
 Their update weighs every kept unit 1, not 1/π = 2 (E ĝ = g/2, half a step): a doubled step on a unit the
 sampler keeps always can break that unit's stability (lr·h·(n + 2) < 2) and diverge the run."""
 H_FLOOR = 1e-3
-"""curv_step: a trace estimate below this fraction of the largest counts as this (the regression cannot
-resolve traces much smaller than the sharp units' noise; a flat unit read as ~0 must not get an infinite ratio)."""
+"""The denominators of a ratio score, curv_step's tr Ĥ_b and snr's V̂_b: an estimate below this fraction of the
+largest counts as this (the regressions cannot resolve values far below the largest units' noise; a unit read
+as ~0 must not get an infinite ratio)."""
 EXPLORE = 0.2
 """sqrt_g samples by √(Ĝ_b + EXPLORE·mean Ĝ): a block whose estimate is still noisy-low keeps being visited
 (recovery test: mean Spearman 0.49 → 0.58 at the default budget; without it early noise starves blocks)."""
