@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 
@@ -49,11 +50,17 @@ def check_report(report: dict, num_steps: int) -> None:
             # A leak grows: no step may end above the first (a few bytes less, a cycle freed late, is not one).
             after = o["current_after_step"]
             assert max(after) <= after[0], f"{where}: memory grew by {max(after) - after[0]} B over {num_steps} steps"
+            # Peaks must not trend up. Compared by medians: on 2 gloo ranks a step's peak can, rarely, hold one
+            # transient buffer more (CI once saw +165,200 B at one step of 20 on one rank, 0.5 % of the peak,
+            # never reproduced in 7 runs of 20 steps here) as thread timing decides what is freed first; the
+            # ratio check above bounds every step, and a leak or growing state moves the median.
             peaks = o["peak_per_step"]
-            assert max(peaks) - min(peaks) <= SMALL_STATE, f"{where}: step peaks vary: {peaks}"
+            first, last = statistics.median(peaks[:5]), statistics.median(peaks[-5:])
+            assert last - first <= SMALL_STATE, f"{where}: step peaks grow: {peaks}"
             if name != "mezo" and "mezo" in opts:  # sparse samplers never need more than dense MeZO
-                dense = opts["mezo"]["zo_step"]["total"]
-                assert o["zo_step"]["total"] <= dense + SMALL_STATE, f"{where}: {o['zo_step']['total']} > MeZO {dense}"
+                # Second-highest step peaks: one transient (above) must not decide, a periodic peak does.
+                mine, dense = sorted(peaks)[-2], sorted(opts["mezo"]["peak_per_step"])[-2]
+                assert mine <= dense + SMALL_STATE, f"{where}: step peak {mine} > MeZO {dense}"
 
 
 def measured(tmp_path, config: str, backend: str, num_steps: int, extra=()) -> dict:
@@ -137,3 +144,31 @@ def test_detects_a_parameter_sized_temporary(monkeypatch):
     report = measure_in_process(num_steps=1)
     with pytest.raises(AssertionError, match="x the inference peak"):
         check_report(report, 1)
+
+
+def test_check_report_fails_on_growing_peaks_and_passes_one_transient():
+    def report(peaks):
+        o = {"ratio": 1.0, "current_after_step": [100] * len(peaks), "peak_per_step": peaks,
+             "zo_step": {"total": max(peaks), "breakdown": {}}}
+        return {"ranks": [{"rank": 0, "inference": {"total": max(peaks)}, "optimizers": {"mezo": o}}]}
+
+    base = 32_275_476
+    transient = [base] * 20
+    transient[17] += 165_200  # what CI once saw: one step, one buffer more
+    check_report(report(transient), 20)
+    growing = [base + 8192 * i for i in range(20)]  # 8 KiB more per step: 160 KiB over the run
+    with pytest.raises(AssertionError, match="step peaks grow"):
+        check_report(report(growing), 20)
+
+
+def test_check_report_fails_when_a_sampler_peaks_above_mezo_twice():
+    def opt(peaks):
+        return {"ratio": 1.0, "current_after_step": [100] * len(peaks), "peak_per_step": peaks,
+                "zo_step": {"total": max(peaks), "breakdown": {}}}
+
+    base, spike = [1 << 25] * 20, [1 << 25] * 20
+    spike[5] = spike[15] = (1 << 25) + (1 << 20)  # a third forward every 10 steps costing 1 MiB more
+    report = {"ranks": [{"rank": 0, "inference": {"total": 1 << 26}, "optimizers": {"mezo": opt(base),
+                                                                                       "curvzo": opt(spike)}}]}
+    with pytest.raises(AssertionError, match="> MeZO"):
+        check_report(report, 20)

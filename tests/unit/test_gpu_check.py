@@ -23,18 +23,22 @@ def test_refuses_clearly_without_cuda():
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
 
 
-def test_dry_run_on_cpu_writes_the_report(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dry_run_on_cpu_writes_the_report(tmp_path, dtype):
     pytest.importorskip("triton")
     model = tmp_path / "tiny.json"
     model.write_text(json.dumps(TINY))
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, "-m", "zofsdp.measure.gpu_check", "--cpu-dry-run", "--model-json", str(model),
-           "--dtype", "float32", "--batch", "2", "--seq", "8", "--reps", "1", "--noise-numel", "4096",
+           "--dtype", dtype, "--batch", "2", "--seq", "8", "--reps", "1", "--noise-numel", "4096",
            "--json", str(out), "--markdown", str(tmp_path / "gpu_check.md")]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["noise"]["z_max_abs_diff_vs_cpu_reference"] <= 1e-6
-    assert result["step"]["launches_per_step"] == 3  # one grouped launch per pass: every tensor is small
+    if dtype == "float32":  # in place: one grouped launch per pass (+ε, −2ε, restore and update): all small
+        assert result["step"]["launches_per_step"] == 3
+    else:  # bf16 weights: each forward perturbs copies, the update writes the weights once
+        assert result["step"]["probe"] == "swapped copies" and result["step"]["launches_per_step"] >= 3
     assert "step / forwards" in (tmp_path / "gpu_check.md").read_text()

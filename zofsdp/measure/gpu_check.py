@@ -100,8 +100,16 @@ def step_check(args, device) -> dict:
     from zofsdp.measure.launches import count
     from zofsdp.noise import Shard, block_id
     from zofsdp.optim.mezo import MeZO
+    from zofsdp.optim.probe import Probe
+    from zofsdp.parallel.precision import probe_by_swapping
 
     model, config = build_model(args, device)
+    # bf16 weights are never perturbed in place (+εz, −2εz, +εz does not restore them): as in training on one
+    # process, each module's forward sees a perturbed copy of its weights (zofsdp.optim.probe).
+    probe = None
+    if args.dtype != "float32":
+        probe = Probe()
+        probe_by_swapping(model, probe)
     shards = [Shard(n, p.data.view(-1), 0, p.numel(), block_id(n), p.dim() > 1, "")
               for n, p in model.named_parameters()]
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
@@ -114,7 +122,7 @@ def step_check(args, device) -> dict:
     reset_peak(device)
     forward_s = [timed(forward, device) for _ in range(args.reps)]
     inference_peak = peak(device)
-    opt = MeZO(shards, ZOConfig(lr=1e-7, eps=1e-3, noise="philox"), seed=0, device=device)
+    opt = MeZO(shards, ZOConfig(lr=1e-7, eps=1e-3, noise="philox"), seed=0, device=device, probe=probe)
     opt.step(forward, 0)  # compile the kernels
     launches_before = opt.noise.kernels.num_launches
     reset_peak(device)
@@ -123,6 +131,7 @@ def step_check(args, device) -> dict:
     launches = (opt.noise.kernels.num_launches - launches_before) / args.reps
     counts = count(shards)
     return {"model": Path(args.model_json).stem, "layers": config.num_hidden_layers, "dtype": args.dtype,
+            "probe": "swapped copies" if probe is not None else "in place",
             "params": sum(s.numel for s in shards), "batch": args.batch, "seq": args.seq,
             "forward_s": statistics.median(forward_s), "step_s": statistics.median(step_s),
             "step_over_forwards": statistics.median(step_s) / (2 * statistics.median(forward_s)),
@@ -140,7 +149,7 @@ def markdown(r: dict) -> str:
         f"| copy of the same bytes | {n['copy_GBps']:.0f} GB/s |",
         f"| noise / copy bandwidth | {n['noise_vs_copy']:.2f} |",
         f"| kernel z vs CPU reference, max abs diff | {n['z_max_abs_diff_vs_cpu_reference']:.2e} |",
-        f"| model | {s['model']} ({s['layers']} layers, {s['params']:,} params, {s['dtype']}) |",
+        f"| model | {s['model']} ({s['layers']} layers, {s['params']:,} params, {s['dtype']}; probes {s['probe']}) |",
         f"| batch x seq | {s['batch']} x {s['seq']} |",
         f"| forward / MeZO step | {s['forward_s'] * 1e3:.1f} ms / {s['step_s'] * 1e3:.1f} ms |",
         f"| step / forwards | {s['step_over_forwards']:.2f} |",
