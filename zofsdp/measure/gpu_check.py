@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--optimizers", default="mezo",
+                   help="comma-separated zo.optimizer names whose steps are timed beside MeZO's (e.g. curvzo,adalezo)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before timing each optimizer beyond MeZO")
     p.add_argument("--noise-numel", type=int, default=1 << 28, help="elements of the GB/s test tensor")
     p.add_argument("--json", default="docs/gpu_check.json")
     p.add_argument("--markdown", default="docs/gpu_check.md")
@@ -98,6 +101,7 @@ def build_model(args, device):
 def step_check(args, device) -> dict:
     from zofsdp.config import ZOConfig
     from zofsdp.measure.launches import count
+    from zofsdp.models import param_info
     from zofsdp.noise import Shard, block_id
     from zofsdp.optim.mezo import MeZO
     from zofsdp.optim.probe import Probe
@@ -110,8 +114,8 @@ def step_check(args, device) -> dict:
     if args.dtype != "float32":
         probe = Probe()
         probe_by_swapping(model, probe)
-    shards = [Shard(n, p.data.view(-1), 0, p.numel(), block_id(n), p.dim() > 1, "")
-              for n, p in model.named_parameters()]
+    info = param_info(model)  # (decay, layer group): the units of the sparse samplers, as in training
+    shards = [Shard(n, p.data.view(-1), 0, p.numel(), block_id(n), *info[n]) for n, p in model.named_parameters()]
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
 
     def forward() -> float:
@@ -137,7 +141,34 @@ def step_check(args, device) -> dict:
             "step_over_forwards": statistics.median(step_s) / (2 * statistics.median(forward_s)),
             "launches_per_step": launches, "chunk_ops_per_step_chunked": counts["chunked"]["chunk_ops_per_step"],
             "inference_peak_bytes": inference_peak, "step_peak_bytes": step_peak,
-            "step_over_inference_memory": step_peak / inference_peak}
+            "step_over_inference_memory": step_peak / inference_peak,
+            "optimizers": other_steps(args, shards, probe, forward, device, statistics.median(step_s),
+                                      statistics.median(forward_s), inference_peak)}
+
+
+def other_steps(args, shards, probe, forward, device, mezo_s: float, forward_s: float, inference_peak: int) -> dict:
+    """Median step time of each `--optimizers` entry beyond MeZO, on the same model, batch and probe path:
+    the GPU wall time that a per-step speedup converts to (sparse samplers skip unsampled blocks' noise)."""
+    from zofsdp.config import ZOConfig
+    from zofsdp.optim import build_optimizer
+
+    out = {}
+    for name in [n for n in args.optimizers.split(",") if n and n != "mezo"]:
+        opt = build_optimizer(ZOConfig(optimizer=name, lr=1e-7, eps=1e-3, noise="philox"), shards, 0, device,
+                              probe=probe)
+        for s in range(args.warmup):
+            opt.step(forward, s)
+        reset_peak(device)
+        records, times = [], []
+        for s in range(args.warmup, args.warmup + args.reps):
+            times.append(timed(lambda s=s: records.append(opt.step(forward, s)), device))
+        step_s = statistics.median(times)
+        out[name] = {"step_s": step_s, "step_over_mezo_step": step_s / mezo_s, "step_over_forwards": step_s / (2 * forward_s),
+                     "forward_passes": statistics.mean(r.get("forward_passes", 2) for r in records),
+                     "keep_fraction": statistics.mean(r.get("keep_fraction", 1.0) for r in records),
+                     "step_over_inference_memory": peak(device) / inference_peak}
+        del opt
+    return out
 
 
 def markdown(r: dict) -> str:
@@ -156,7 +187,10 @@ def markdown(r: dict) -> str:
         f"| kernel launches per step (fused) | {s['launches_per_step']:.0f} |",
         f"| chunk operations per step (chunked path, planned) | {s['chunk_ops_per_step_chunked']:,} |",
         (f"| peak memory: inference / step | {s['inference_peak_bytes'] / 2**30:.2f} GiB / "
-         f"{s['step_peak_bytes'] / 2**30:.2f} GiB ({s['step_over_inference_memory']:.3f}x) |"), ""])
+         f"{s['step_peak_bytes'] / 2**30:.2f} GiB ({s['step_over_inference_memory']:.3f}x) |"),
+        *[f"| {name} step (keep fraction {o['keep_fraction']:.2f}, {o['forward_passes']:.1f} forwards) | "
+          f"{o['step_s'] * 1e3:.1f} ms: {o['step_over_mezo_step']:.2f}x MeZO's, {o['step_over_forwards']:.2f}x its "
+          f"forwards, memory {o['step_over_inference_memory']:.3f}x |" for name, o in s["optimizers"].items()], ""])
 
 
 def main(argv=None) -> int:
