@@ -47,6 +47,9 @@ class ModelConfig:
     SmolLM2-135M, FSDP2 × 2, mixed: 1.33× the median step time; docs/memory.md). `shards`: in
     place, fp32 shards only (after 1,000 probes ~28 % of weights differ by ≤ 1.5e-8). `auto`: gathered for
     bf16/fp16 shards and for mixed precision, shards otherwise and for hizoo/loren (see IN_PLACE_ONLY)."""
+    tokenizer: str = ""
+    """Tokenizer folder or hub id; "" = the model's own (SmolLM2's for tiny models and architecture JSONs,
+    which have none). Set it to run random-weight models where the embedded SmolLM2 is not installed."""
     cache_dir: str = ""
     """Where converted checkpoints are kept; default $ZOFSDP_CACHE or ~/.cache/zofsdp."""
     max_length: int = 256

@@ -183,7 +183,13 @@ def load_tokenizer(cfg: ModelConfig):
 
     # Tiny models and architecture JSONs (random weights) have no tokenizer of their own: SmolLM2's serves.
     borrowed = cfg.name_or_path in TINY or is_architecture(cfg.name_or_path)
-    source = smollm2_path(cfg) if borrowed else resolve(cfg)
+    if cfg.tokenizer:
+        source = Path(cfg.tokenizer).expanduser()
+        if not source.is_dir() and (source.is_absolute() or cfg.tokenizer.startswith(".") or source.exists()):
+            raise MissingFile(f"model.tokenizer: not a folder: {source}")
+        source = source if source.is_dir() else cfg.tokenizer  # else a hub id
+    else:
+        source = smollm2_path(cfg) if borrowed else resolve(cfg)
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"  # the answer is scored at the last position
     if tokenizer.pad_token is None:

@@ -87,3 +87,19 @@ def test_architecture_json_gives_a_random_model(tmp_path):
         assert model(input_ids=torch.arange(8).view(1, 8)).logits.isfinite().all()
     with pytest.raises(FileNotFoundError, match="architecture JSON not found"):
         resolve(ModelConfig(name_or_path=str(tmp_path / "none.json")))
+
+
+def test_model_tokenizer_names_the_tokenizer_folder(tmp_path):
+    from zofsdp.errors import MissingFile
+    from zofsdp.models import load_tokenizer
+
+    path = tmp_path / "arch.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1}))
+    own = load_tokenizer(ModelConfig(name_or_path=str(path)))  # borrowed: SmolLM2's
+    own.add_special_tokens({"additional_special_tokens": ["<zofsdp-marker>"]})
+    own.save_pretrained(tmp_path / "tok")
+    chosen = load_tokenizer(ModelConfig(name_or_path=str(path), tokenizer=str(tmp_path / "tok")))
+    assert len(chosen) == len(own) and "<zofsdp-marker>" in chosen.get_vocab()
+    assert chosen.padding_side == "left"
+    with pytest.raises(MissingFile, match="model.tokenizer: not a folder"):
+        load_tokenizer(ModelConfig(name_or_path=str(path), tokenizer=str(tmp_path / "missing")))
