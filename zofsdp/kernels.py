@@ -25,6 +25,8 @@ from zofsdp import philox
 from zofsdp.noise import Shard, mix_seed
 
 BLOCK = 256
+PLAN_CACHE = 8
+"""Launch plans kept (per shard list): see Kernels._plan."""
 """Philox counters per program (4·BLOCK elements). Any value gives the same numbers."""
 GROUP_MIN = 1 << 16
 """Shards smaller than this share one grouped launch per dtype (their own launch would be mostly idle)."""
@@ -88,7 +90,10 @@ class PhiloxKernels:
     def _plan(self, shards: Sequence[Shard]) -> tuple[LaunchPlan, dict]:
         signature = tuple((s.data.data_ptr(), s.numel, s.global_start, s.data.dtype) for s in shards)
         if signature not in self._plans:
-            if len(self._plans) > 256:  # masked passes make many lists; keep the cache bounded
+            # A dense step reuses one list; a masked step (CurvZO, AdaLeZO) makes a new one that its own
+            # passes share. Each plan holds small device tables (+2,560 B per masked step for SmolLM2 on an
+            # H100, docs/gpu_check.md): keep a few, or they count as growth in the memory report.
+            if len(self._plans) >= PLAN_CACHE:
                 self._plans.clear()
             plan = plan_launches([s.numel for s in shards], [s.data.dtype for s in shards], self.group_min)
             self._plans[signature] = (plan, {g: self._tables(shards, g) for g in plan.groups})
