@@ -76,6 +76,7 @@ def test_power_and_decision_rule():
     assert P.decision((1.6, 2.5)) == "2x supported"
     assert P.decision((1.1, 1.4)) == "2x refuted"
     assert P.decision((1.2, 2.5)) == "open"
+    assert P.decision((2.1, 3.5)) == "above 2x"
     assert P.decision((1.6, 2.5), num_seeds=2).startswith("none")  # 2 seeds: the 'CI' is their range
 
 
@@ -211,3 +212,53 @@ def test_every_arm_is_a_valid_config_and_the_landscape_arm_reads_the_committed_s
     probs = read_probs(cfg.probs_file, units, cfg.granularity)
     assert probs.numel() == 32 and bool(((probs > 0) & (probs <= 1)).all())
     assert cfg.weight_power == 0.0
+
+
+def gpu_check(mezo_s, sparse):
+    """A gpu_check result: MeZO's step and {name: (keep fraction, step s)}."""
+    return {"device": "H100", "step": {"model": "opt-30b", "dtype": "bfloat16", "batch": 16, "seq": 64,
+                                       "step_s": mezo_s,
+                                       "optimizers": {n: {"keep_fraction": k, "step_s": t} for n, (k, t) in
+                                                      sparse.items()}}}
+
+
+def test_step_time_model_fits_the_line_through_dense_and_sparse_steps():
+    model = P.step_time_model(gpu_check(0.568, {"curvzo": (0.30, 0.2 + 0.368 * 0.30), "adalezo": (0.23, 0.2 + 0.368 * 0.23)}))
+    assert model["a"] == pytest.approx(0.2) and model["b"] == pytest.approx(0.368)
+    s50 = {"geomean": 1.0, "ci": [0.8, 1.25], "per_seed": dict.fromkeys(range(8), 1.0)}
+    p = P.project(s50, 0.30, model)
+    ratio = (0.2 + 0.368 * 0.30) / 0.568
+    assert p["step_ratio"] == pytest.approx(ratio)
+    assert p["geomean"] == pytest.approx(1 / ratio) and p["ci"] == pytest.approx([0.8 / ratio, 1.25 / ratio])
+    assert P.project(s50, 1.0, model)["geomean"] == pytest.approx(1.0)  # a dense arm keeps its S
+    with pytest.raises(ValueError, match="no sparse steps"):
+        P.step_time_model({"step": {"step_s": 1.0}})
+
+
+def test_step_model_file_takes_the_last_check_with_sparse_steps(tmp_path):
+    from zofsdp.errors import MissingFile, UserError
+
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps([gpu_check(1.0, {"curvzo": (0.5, 0.75)}), gpu_check(2.0, {}),
+                                {"step": {"step_s": 3.0}}]))
+    assert P.read_step_model(str(path))["points"] == [(1.0, 1.0), (0.5, 0.75)]
+    with pytest.raises(MissingFile, match="--step-model: file not found"):
+        P.read_step_model(str(tmp_path / "none.json"))
+    path.write_text(json.dumps({"step": {"step_s": 3.0}}))
+    with pytest.raises(UserError, match="no GPU check with sparse steps"):
+        P.read_step_model(str(path))
+
+
+def test_report_projects_s50_when_given_a_step_model(tmp_path):
+    path, fake = tmp_path / "r.jsonl", FakeTrainer()
+    P.execute(plan(arms=("mezo", "curvzo", "uniform"), lrs=(1.0,)), path, fake, None, clock=fake.clock)
+    results = P.read_results(path)
+    model = P.step_time_model(gpu_check(1.0, {"curvzo": (0.5, 0.75)}))
+    summary = P.summarize(results, SETTINGS, ["mezo", "curvzo"], [1.0], [0], model)
+    row = summary["arms"]["curvzo"]
+    expect = row["S50"]["geomean"] / (0.5 + 0.5 * row["mean_keep_fraction"])
+    assert row["S50"]["projected"]["geomean"] == pytest.approx(expect)
+    text = P.markdown(summary, results, SETTINGS, [0])
+    assert "S50 projected (CI)" in text and "t(k) = 500 ms + 500 ms × k" in text
+    plain = P.markdown(P.summarize(results, SETTINGS, ["mezo", "curvzo"], [1.0], [0]), results, SETTINGS, [0])
+    assert "projected" not in plain

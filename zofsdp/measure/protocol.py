@@ -121,6 +121,8 @@ def decision(ci: tuple[float, float], num_seeds: int = MIN_SEEDS) -> str:
     if num_seeds < MIN_SEEDS:
         return f"none ({num_seeds} seeds < {MIN_SEEDS})"
     lo, hi = ci
+    if lo > 2:  # the whole interval beyond the target (≤ 0.5× MeZO's time), not merely consistent with it
+        return "above 2x"
     if lo <= 2 <= hi and lo >= 1.5:
         return "2x supported"
     return "2x refuted" if hi < 1.5 else "open"
@@ -246,7 +248,8 @@ def timings(results: list[dict], settings: dict) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[float], sweep_seeds: list[int]) -> dict:
+def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[float], sweep_seeds: list[int],
+              step_model: dict | None = None) -> dict:
     picked = {arm: chosen_lr(results, settings, arm, lrs, sweep_seeds) for arm in arms}
     curves = {arm: {r["seed"]: r for r in find(results, settings, arm, lr=picked[arm])} for arm in arms if picked[arm]}
     base = curves.get(BASE, {})
@@ -274,8 +277,45 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
                 "sd_log": float(np.std(np.log(vals), ddof=1)) if len(vals) > 1 else None,
                 "wall": None if ratio is None else {"geomean": gm * ratio, "ci": [lo * ratio, hi * ratio],
                                                    "decision": decision((lo * ratio, hi * ratio), len(vals))}}
+        if step_model and "S50" in row:
+            row["S50"]["projected"] = project(row["S50"], row["mean_keep_fraction"], step_model)
         out[arm] = row
-    return {"lrs": picked, "arms": out, "step_s": step_s}
+    return {"lrs": picked, "arms": out, "step_s": step_s, "step_model": step_model}
+
+
+def step_time_model(check: dict) -> dict:
+    """t(k) = a + b·k, least squares through a gpu_check result's MeZO step (k = 1) and its sparse steps
+    (their mean keep fractions): how a step's time falls with the fraction of weights it perturbs, on the
+    machine and model of that check (zofsdp.measure.gpu_check --optimizers)."""
+    step = check["step"]
+    points = [(1.0, step["step_s"])] + [(o["keep_fraction"], o["step_s"]) for o in step.get("optimizers", {}).values()]
+    if len(points) < 2:
+        raise ValueError("the GPU check has no sparse steps to fit (run it with --optimizers mezo,curvzo,...)")
+    k, t = np.array(points).T
+    b, a = np.polyfit(k, t, 1)
+    return {"a": float(a), "b": float(b), "points": points, "device": check.get("device", "?"),
+            "what": f"{step['model']} {step['dtype']}, batch {step['batch']} x {step['seq']}"}
+
+
+def read_step_model(path: str) -> dict:
+    """The last result in a gpu_check JSON (one result or a list of them) that timed sparse steps."""
+    from zofsdp.errors import MissingFile, UserError
+
+    if not Path(path).is_file():
+        raise MissingFile(f"--step-model: file not found: {path}")
+    data = json.loads(Path(path).read_text())
+    checks = [c for c in (data if isinstance(data, list) else [data]) if c.get("step", {}).get("optimizers")]
+    if not checks:
+        raise UserError(f"--step-model: {path} has no GPU check with sparse steps (gpu_check --optimizers)")
+    return step_time_model(checks[-1])
+
+
+def project(s50: dict, keep: float, model: dict) -> dict:
+    """S50 in the wall time of `model`'s machine: S ÷ (t(keep) / t(1)). Arithmetic on two measurements."""
+    ratio = (model["a"] + model["b"] * keep) / (model["a"] + model["b"])
+    lo, hi = s50["ci"]
+    return {"step_ratio": ratio, "geomean": s50["geomean"] / ratio, "ci": [lo / ratio, hi / ratio],
+            "decision": decision((lo / ratio, hi / ratio), len(s50["per_seed"]))}
 
 
 def steady_step_times(results: list[dict], settings: dict) -> dict:
@@ -295,8 +335,10 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
     if t:
         lines.append(f"Step times interleaved after {t[-1]['warmup']} warm-up steps, median of {t[-1]['reps']} "
                      f"(load average {t[-1]['load_average']}; shared machine: {t[-1]['load_average'][0] > 1.5}).")
+    model = summary.get("step_model")
     columns = ("arm", "lr", "seeds", "final loss", "final acc", "keep", "step s", "S50 (CI)", "S50 wall (CI)",
-               "decision", "S80 (CI)", "sd log S50", "step s in runs", "commits")
+               "decision", *(("S50 projected (CI)", "decision") if model else ()), "S80 (CI)", "sd log S50",
+               "step s in runs", "commits")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for arm, row in summary["arms"].items():
         s50, s80 = row.get("S50"), row.get("S80")
@@ -307,9 +349,14 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
             f"{row['final_accuracy']:.3f}", f"{row['mean_keep_fraction']:.2f}",
             f"{row['step_s']:.2f}" if row["step_s"] else "-", _cell(s50),
             f"{wall['geomean']:.2f} ({wall['ci'][0]:.2f}–{wall['ci'][1]:.2f})" if wall else "-",
-            wall["decision"] if wall and arm != BASE else "-", _cell(s80),
+            wall["decision"] if wall and arm != BASE else "-", *(_projected(s50, arm) if model else ()), _cell(s80),
             f"{s50['sd_log']:.3f}" if s50 and s50["sd_log"] is not None else "-", f"{row['run_step_s']:.2f}",
             ", ".join(row["commits"])]) + " |")
+    if model:
+        lines += ["", f"Projected: S50 ÷ t(keep)/t(1), with t(k) = {model['a'] * 1e3:.0f} ms + {model['b'] * 1e3:.0f} "
+                  f"ms × k fitted to the step times of {model['what']} on {model['device']} (keep, s: "
+                  + ", ".join(f"{k:.2f}, {t:.3f}" for k, t in model["points"])
+                  + "). Arithmetic on two measurements (S on this model, step times on that one), not a run."]
     placebo = summary["arms"].get(PLACEBO, {}).get("S50")
     if placebo:
         ok, n = placebo["ci"][0] <= 1 <= placebo["ci"][1], len(placebo["per_seed"])
@@ -361,6 +408,13 @@ def plot(results: list[dict], settings: dict, summary: dict, path: Path) -> None
     plt.close(fig)
 
 
+def _projected(s50: dict | None, arm: str) -> tuple[str, str]:
+    p = s50 and s50.get("projected")
+    if not p:
+        return "-", "-"
+    return f"{p['geomean']:.2f} ({p['ci'][0]:.2f}–{p['ci'][1]:.2f})", p["decision"] if arm != BASE else "-"
+
+
 def _cell(s: dict | None) -> str:
     if not s:
         return "-"
@@ -395,6 +449,8 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-steps", type=int, nargs="+", help="protocol: evaluate after these steps (and 0, last)")
     p.add_argument("--timing-warmup", type=int, default=50, help="protocol: steps per arm before timing")
     p.add_argument("--timing-reps", type=int, default=5, help="protocol: timed rounds (0 = no timing)")
+    p.add_argument("--step-model", help="protocol: a gpu_check JSON (e.g. docs/gpu_check.json); S50 is also "
+                   "projected onto its step times by keep fraction")
 
 
 def overrides_for(settings: dict, lr: float, seed: int) -> list[str]:
@@ -517,7 +573,8 @@ def section_protocol(args) -> dict:
         outcome = execute(plan, path, lambda *a: train_run(args, settings, *a), budget,
                           timing=(lambda res: time_arms(args, settings, plan, res)) if args.timing_reps else None)
     results = read_results(path)
-    summary = summarize(results, settings, arms, plan.lrs, plan.sweep_seeds)
+    step_model = read_step_model(args.step_model) if getattr(args, "step_model", None) else None
+    summary = summarize(results, settings, arms, plan.lrs, plan.sweep_seeds, step_model)
     table = markdown(summary, results, settings, plan.sweep_seeds)
     if args.plot:
         plot(results, settings, summary, Path(args.plot) / "protocol_curves.png")
