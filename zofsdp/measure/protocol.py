@@ -40,6 +40,9 @@ ARMS = {
     PLACEBO: ["zo.optimizer=mezo", "zo.noise=table"],
     CURVZO: ["zo.optimizer=curvzo"],
     UNIFORM: ["zo.optimizer=curvzo", "zo.curvzo.score=uniform"],  # + budget_init = CurvZO's mean budget
+    # sparsity alone, at a tenth: HT-weighted, so at MeZO's lr the update has MeZO's mean and (isotropic) variance,
+    # while a step generates noise for ~10 % of the weights (the GPU's cost with bf16 weights, docs/gpu_check.md)
+    "uniform:0.1": ["zo.optimizer=curvzo", "zo.curvzo.score=uniform", "zo.curvzo.budget_init=0.1"],
     "adalezo": ["zo.optimizer=adalezo"],
     "adalezo:public": ["zo.optimizer=adalezo", "zo.adalezo.preset=public"],
     # the oracle control: the landscape bench's best (biased, α = 0) layer sampler, fixed; run from the repo root
