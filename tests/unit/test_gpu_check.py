@@ -30,7 +30,7 @@ def test_dry_run_on_cpu_writes_the_report(tmp_path, dtype):
     model.write_text(json.dumps(TINY))
     out = tmp_path / "gpu_check.json"
     cmd = [sys.executable, "-m", "zofsdp.measure.gpu_check", "--cpu-dry-run", "--model-json", str(model),
-           "--dtype", dtype, "--batch", "2", "--seq", "8", "--reps", "1", "--optimizers", "mezo,curvzo", "--warmup", "1", "--noise-numel", "4096",
+           "--dtype", dtype, "--batch", "2", "--seq", "8", "--reps", "1", "--optimizers", "mezo,curvzo,uniform:0.1", "--warmup", "1", "--noise-numel", "4096",
            "--json", str(out), "--markdown", str(tmp_path / "gpu_check.md")]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -43,4 +43,5 @@ def test_dry_run_on_cpu_writes_the_report(tmp_path, dtype):
         assert result["step"]["probe"] == "swapped copies" and result["step"]["launches_per_step"] >= 3
     curvzo = result["step"]["optimizers"]["curvzo"]
     assert 0 < curvzo["keep_fraction"] <= 1 and curvzo["step_s"] > 0
+    assert result["step"]["optimizers"]["uniform:0.1"]["keep_fraction"] < 0.5  # the arm's budget, not the default
     assert "step / forwards" in (tmp_path / "gpu_check.md").read_text()

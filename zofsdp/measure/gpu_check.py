@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--optimizers", default="mezo",
-                   help="comma-separated zo.optimizer names whose steps are timed beside MeZO's (e.g. curvzo,adalezo)")
+                   help="comma-separated zo.optimizer names or protocol arms (zofsdp.measure.protocol.ARMS, e.g. "
+                   "uniform:0.1) whose steps are timed beside MeZO's")
     p.add_argument("--warmup", type=int, default=3, help="steps before timing each optimizer beyond MeZO")
     p.add_argument("--noise-numel", type=int, default=1 << 28, help="elements of the GB/s test tensor")
     p.add_argument("--json", default="docs/gpu_check.json")
@@ -149,13 +150,16 @@ def step_check(args, device) -> dict:
 def other_steps(args, shards, probe, forward, device, mezo_s: float, forward_s: float, inference_peak: int) -> dict:
     """Median step time of each `--optimizers` entry beyond MeZO, on the same model, batch and probe path:
     the GPU wall time that a per-step speedup converts to (sparse samplers skip unsampled blocks' noise)."""
-    from zofsdp.config import ZOConfig
+    from zofsdp.config import load_config
+    from zofsdp.measure.protocol import ARMS
     from zofsdp.optim import build_optimizer
 
     out = {}
     for name in [n for n in args.optimizers.split(",") if n and n != "mezo"]:
-        opt = build_optimizer(ZOConfig(optimizer=name, lr=1e-7, eps=1e-3, noise="philox"), shards, 0, device,
-                              probe=probe)
+        # a protocol arm (e.g. uniform:0.1) or a plain zo.optimizer name
+        arm = ARMS.get(name, [f"zo.optimizer={name}"])
+        zo = load_config(None, [*arm, "zo.lr=1e-7", "zo.eps=1e-3", "zo.noise=philox"]).zo
+        opt = build_optimizer(zo, shards, 0, device, probe=probe)
         for s in range(args.warmup):
             opt.step(forward, s)
         reset_peak(device)
