@@ -136,6 +136,14 @@ def test_timing_runs_after_the_runs_and_again_when_an_arm_is_added(tmp_path):
     assert set(P.steady_step_times(P.read_results(path), SETTINGS)) == {"mezo", "mezo:table", "curvzo"}
 
 
+def test_wall_ratios_pair_each_arm_with_mezo_in_one_timing_record():
+    older = {"kind": "timing", "settings": SETTINGS, "step_s": {"mezo": 4.0, "curvzo": 2.0}}
+    newer = {"kind": "timing", "settings": SETTINGS, "step_s": {"mezo": 3.0, "uniform": 1.0}}
+    lone = {"kind": "timing", "settings": SETTINGS, "step_s": {"adalezo": 1.0}}  # no MeZO: no ratio
+    times = P.steady_step_times([older, newer, lone], SETTINGS)
+    assert times == {"mezo": (3.0, 3.0), "uniform": (1.0, 3.0), "curvzo": (2.0, 4.0)}
+
+
 def test_first_divergent_lr_stops_the_sweep(tmp_path):
     fake = FakeTrainer(diverge_at=2.0)
     P.execute(plan(arms=("mezo",), lrs=(1.0, 2.0, 4.0, 8.0)), tmp_path / "r.jsonl", fake, None, clock=fake.clock)

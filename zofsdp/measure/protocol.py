@@ -265,7 +265,8 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
                "final_loss": float(np.mean([r["points"][-1]["loss"] for r in runs.values()])),
                "final_accuracy": float(np.mean([r["points"][-1]["accuracy"] for r in runs.values()])),
                "mean_keep_fraction": float(np.mean([r["mean_keep_fraction"] for r in runs.values()])),
-               "step_s": step_s.get(arm), "commits": sorted({r["commit"] for r in runs.values()}),
+               "step_s": step_s[arm][0] if arm in step_s else None,
+               "commits": sorted({r["commit"] for r in runs.values()}),
                "diverged": sum(r["diverged"] for r in runs.values()),
                "run_step_s": float(np.median([r["median_step_s"] for r in runs.values()]))}
         for f in FRACTIONS:
@@ -274,7 +275,7 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
             if not vals or not all(math.isfinite(v) and v > 0 for v in vals):
                 continue
             gm, lo, hi = geometric_ci(vals)
-            ratio = step_s[BASE] / step_s[arm] if step_s.get(BASE) and step_s.get(arm) else None
+            ratio = step_s[arm][1] / step_s[arm][0] if arm in step_s else None
             row[f"S{int(f * 100)}"] = {
                 "per_seed": s["per_seed"], "censored": s["censored"], "geomean": gm, "ci": [lo, hi],
                 "sd_log": float(np.std(np.log(vals), ddof=1)) if len(vals) > 1 else None,
@@ -322,9 +323,14 @@ def project(s50: dict, keep: float, model: dict) -> dict:
 
 
 def steady_step_times(results: list[dict], settings: dict) -> dict:
-    """Median step seconds per arm from the newest interleaved timing record."""
-    recs = timings(results, settings)
-    return dict(recs[-1]["step_s"]) if recs else {}
+    """arm -> (its median step s, MeZO's) from the newest interleaved timing record holding both: a wall ratio
+    is only read within one record (the same machine load), and an arm timed later keeps older arms' ratios."""
+    out = {}
+    for rec in reversed(timings(results, settings)):
+        for arm, t in rec["step_s"].items():
+            if arm not in out and BASE in rec["step_s"]:
+                out[arm] = (t, rec["step_s"][BASE])
+    return out
 
 
 def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: list[int]) -> str:
