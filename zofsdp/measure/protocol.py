@@ -266,6 +266,7 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
                "final_accuracy": float(np.mean([r["points"][-1]["accuracy"] for r in runs.values()])),
                "mean_keep_fraction": float(np.mean([r["mean_keep_fraction"] for r in runs.values()])),
                "step_s": step_s[arm][0] if arm in step_s else None,
+               "mezo_step_s": step_s[arm][1] if arm in step_s else None,  # in the same timing record
                "commits": sorted({r["commit"] for r in runs.values()}),
                "diverged": sum(r["diverged"] for r in runs.values()),
                "run_step_s": float(np.median([r["median_step_s"] for r in runs.values()]))}
@@ -345,7 +346,7 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
         lines.append(f"Step times interleaved after {t[-1]['warmup']} warm-up steps, median of {t[-1]['reps']} "
                      f"(load average {t[-1]['load_average']}; shared machine: {t[-1]['load_average'][0] > 1.5}).")
     model = summary.get("step_model")
-    columns = ("arm", "lr", "seeds", "final loss", "final acc", "keep", "step s", "S50 (CI)", "S50 wall (CI)",
+    columns = ("arm", "lr", "seeds", "final loss", "final acc", "keep", "step s / MeZO's", "S50 (CI)", "S50 wall (CI)",
                "decision", *(("S50 projected (CI)", "decision") if model else ()), "S80 (CI)", "sd log S50",
                "step s in runs", "commits")
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -356,7 +357,7 @@ def markdown(summary: dict, results: list[dict], settings: dict, sweep_seeds: li
             f"| {arm}", f"{row['lr']:g}", str(len(row["seeds"])) + (f" ({row['diverged']} diverged)" if row["diverged"]
                                                                    else ""), f"{row['final_loss']:.4f}",
             f"{row['final_accuracy']:.3f}", f"{row['mean_keep_fraction']:.2f}",
-            f"{row['step_s']:.2f}" if row["step_s"] else "-", _cell(s50),
+            f"{row['step_s']:.2f} / {row['mezo_step_s']:.2f}" if row["step_s"] else "-", _cell(s50),
             f"{wall['geomean']:.2f} ({wall['ci'][0]:.2f}–{wall['ci'][1]:.2f})" if wall else "-",
             wall["decision"] if wall and arm != BASE else "-", *(_projected(s50, arm) if model else ()), _cell(s80),
             f"{s50['sd_log']:.3f}" if s50 and s50["sd_log"] is not None else "-", f"{row['run_step_s']:.2f}",
