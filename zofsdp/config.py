@@ -127,13 +127,15 @@ class CurvZOConfig:
     """Move the budget with the flatness of the scores; false keeps budget_init."""
     granularity: Literal["tensor", "layer"] = "layer"
     """A block is one parameter tensor, or one layer group (`embed`, `layers.<i>`, `head`)."""
-    score: Literal["regression", "ema", "uniform", "fixed", "snr"] = "regression"
+    score: Literal["regression", "ema", "uniform", "fixed", "snr", "snr_rows"] = "regression"
     """How block scores are learned: `regression` estimates G_b = ‖g_b‖² by least squares of Δ² on the masks;
     `ema` is the old kept-only EMA of Δ²/π² (uninformative: kept for comparison); `uniform` learns nothing,
     π = budget_init everywhere and the budget fixed (the uniform-sparse control); `fixed` learns nothing
     either and keeps each unit with the probability that `probs_file` gives it; `snr` scores every
     `snr_every`-th probe on a second batch too (2 more forwards) and samples π ∝ Ĝ_b/V̂_b, population gradient
-    energy over batch noise (the landscape oracle's G/Fisher ranking, learned from the losses)."""
+    energy over batch noise (the landscape oracle's G/Fisher ranking, learned from the losses); `snr_rows`
+    samples by the same ratio from every step's own two forwards, reading each example's loss: the spread of
+    the per-example differences gives the noise (global-batch more floats per all-reduce, no extra forward)."""
     snr_every: int = 4
     """score=snr: every this many steps the probe is also scored on the step's extra batch 1."""
     probs_file: str = ""

@@ -108,7 +108,7 @@ def _oracle(record: seedlog.Record):
     `decide` took them: DiZO's projection factors come back as the run decided them)."""
     values = iter(record.losses)
 
-    def loss_fn(batch: int = 0) -> float:
+    def loss_fn(batch: int = 0, per_example: bool = False) -> float:  # per-example statistics come via decide
         try:
             return next(values)
         except StopIteration:

@@ -71,16 +71,17 @@ def candidate_scores(model, batch: Batch) -> torch.Tensor:
     return scores.masked_fill(~batch.candidate_mask, float("-inf"))
 
 
-def loss_and_correct(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed cross-entropy over the candidates, and the number of rows whose best candidate is gold.
+def loss_and_correct(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over the candidates, the number of rows whose best candidate is gold, and each
+    row's loss (float64; CurvZO's score=snr_rows reads them).
 
     The sum is taken in float64 so that it does not depend on how the batch is split over ranks: the
     projected gradient divides a loss difference by 2ε and would amplify fp32 summation-order noise.
     """
     scores = candidate_scores(model, batch)
-    loss = F.cross_entropy(scores, batch.labels, reduction="none").double().sum()
+    rows = F.cross_entropy(scores, batch.labels, reduction="none").double()
     correct = (scores.argmax(dim=1) == batch.labels).sum()
-    return loss, correct
+    return rows.sum(), correct, rows
 
 
 class PendingLoss:
@@ -92,17 +93,29 @@ class PendingLoss:
     (arithmetic, comparisons, math.isfinite, formatting).
     """
 
-    __slots__ = ("_totals", "_rows", "_value")
+    __slots__ = ("_totals", "_rows", "_value", "_per_example")
     __hash__ = None  # equal to a float by value, but not one: keep it out of sets and dict keys
 
-    def __init__(self, totals: torch.Tensor, rows: int):
+    def __init__(self, totals: torch.Tensor, rows: int, per_example: bool = False):
+        """`per_example`: totals[2:] holds each row's loss (train.enqueue_loss with `at`), read with the mean."""
         self._totals, self._rows, self._value = totals, rows, None
+        self._per_example: list[float] | bool = per_example
 
     def __float__(self) -> float:
         if self._value is None:
-            self._value = self._totals[0].item() / self._rows
+            if self._per_example is True:  # one read for the mean and the rows
+                values = self._totals.tolist()
+                self._value, self._per_example = values[0] / self._rows, values[2:]
+            else:
+                self._value = self._totals[0].item() / self._rows
             self._totals = None
         return self._value
+
+    @property
+    def per_example(self) -> list[float] | None:
+        """Each row's loss over the global batch, when the forward was asked for them; else None."""
+        float(self)
+        return self._per_example or None
 
     def __repr__(self) -> str:
         return f"PendingLoss({float(self)!r})"

@@ -139,11 +139,20 @@ def local_batch(session: Session, batch: Batch) -> tuple[Batch, float]:
 
 
 @torch.no_grad()
-def enqueue_loss(session: Session, rows: Batch, weight: float) -> torch.Tensor:
+def enqueue_loss(session: Session, rows: Batch, weight: float, at: tuple[int, int] | None = None) -> torch.Tensor:
     """Forward and all-reduce, nothing read back: [summed loss, correct rows] over the global batch, a
-    float64 tensor on the device (on a GPU the work is only queued when this returns)."""
-    loss, correct = loss_and_correct(session.model, rows)
-    return session.backend.all_reduce_sum(torch.stack([loss * weight, correct.double() * weight]))
+    float64 tensor on the device (on a GPU the work is only queued when this returns). With `at` = (this
+    rank's first global row, global rows), each row's loss follows at its global position (zeros from the
+    other ranks), so every rank gets the per-example losses: global-rows more floats in the all-reduce."""
+    loss, correct, per_row = loss_and_correct(session.model, rows)
+    totals = torch.stack([loss * weight, correct.double() * weight])
+    if at is not None:
+        first, size = at
+        every = torch.zeros(size, dtype=torch.float64, device=totals.device)
+        if weight:  # a rank without rows scored a stand-in row: it adds nothing
+            every[first : first + per_row.numel()] = per_row
+        totals = torch.cat([totals, every])
+    return session.backend.all_reduce_sum(totals)
 
 
 def evaluate(session: Session, examples: list[Example]) -> dict:
@@ -222,11 +231,13 @@ def _train_loop(session: Session, stop: checkpoint.StopSignal) -> dict:
         rows, weight = local_batch(session, encoded)  # on the device once, before any probe
         timer, losses, extra = ForwardTimer(backend.device), [], {}
 
-        def loss_fn(batch: int = 0) -> PendingLoss:
-            """The step's batch, or (batch = k >= 1) the step's k-th extra batch (DiZO's search)."""
+        def loss_fn(batch: int = 0, per_example: bool = False) -> PendingLoss:
+            """The step's batch, or (batch = k >= 1) the step's k-th extra batch (DiZO's search); with
+            `per_example`, each row's loss too (loss.per_example)."""
             b, r, w = (encoded, rows, weight) if batch == 0 else extra_batch(session, step, batch, extra)
+            at = (local_rows(len(b), backend.rank, backend.world_size)[0], len(b)) if per_example else None
             with timer:
-                loss = PendingLoss(enqueue_loss(session, r, w), len(b))
+                loss = PendingLoss(enqueue_loss(session, r, w, at), len(b), per_example)
             totals["tokens"] += b.num_tokens
             losses.append(loss)  # the seed log: these losses and the seed determine the step
             return loss

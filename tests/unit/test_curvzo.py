@@ -284,6 +284,92 @@ def test_snr_forwards_and_state():
     assert torch.equal(copy.keep_probs(), opt.keep_probs()) and opt.signal.num_obs > 3
 
 
+class Rows(float):
+    """A batch loss that also carries each example's loss, as train's PendingLoss does when asked."""
+
+    per_example: list[float] | None = None
+
+
+class PerExampleQuadratic(TwoBatchQuadratic):
+    """Example i's loss ½Σ h θ² + ξ_iᵀθ with ξ_i ~ N(0, v_b/n_b) per coordinate of unit b, `rows` fresh examples per
+    (step, batch), the same for ℓ₊ and ℓ₋: ‖ḡ_b‖² and the per-example noise v_b are known (`noise` is v_b)."""
+
+    def __init__(self, start: list[float], noise: list[float], size: int = 8, rows: int = 16):
+        super().__init__(start, noise, size)
+        self.rows = rows
+
+    def oracle(self, step: int):
+        def loss(batch: int = 0, per_example: bool = False) -> float:
+            gen = torch.Generator().manual_seed(1000 * step + batch)
+            xi = torch.randn(self.rows, self.theta.numel(), generator=gen, dtype=torch.float64) * self.sd
+            each = self.loss() + xi @ self.theta
+            out = Rows(float(each.mean()))
+            if per_example:
+                out.per_example = each.tolist()
+            return out
+        return loss
+
+
+def ratio_recovery(score: str, seed: int, steps: int) -> tuple[float, float, float]:
+    """Spearman of (P̂ vs ‖ḡ‖², noise estimate vs v, P̂/noise vs ‖ḡ‖²/v) after `steps` steps at lr 0, 16 units."""
+    gen = torch.Generator().manual_seed(seed)
+    start, noise = torch.randn(16, generator=gen).mul(0.5).exp(), 64 * torch.randn(16, generator=gen).exp()
+    problem = PerExampleQuadratic(start.tolist(), noise.tolist())
+    opt = CurvZO(problem.shards, zo_config(lr=0.0, curvzo=CurvZOConfig(score=score, snr_every=1)), seed=seed)
+    for step in range(1, steps + 1):
+        opt.step(problem.oracle(step), step)
+    pop = opt.signal.estimate()
+    noisy = opt.spread.estimate() if score == "snr_rows" else opt.g_hat() - pop
+    v = noise.double()
+    return (spearman(pop, problem.energy), spearman(noisy, v),
+            spearman(pop / noisy.clamp_min(1e-9), problem.energy / v))
+
+
+def test_snr_rows_learns_the_ratio_from_the_step_s_own_rows_faster_than_two_batches():
+    """score=snr_rows (per-example spread of the two forwards) against score=snr (a second batch every step) at
+    equal forward passes (2,000: 1,000 steps against 500), mean Spearman over 3 seeds. Measured (population energy,
+    noise, ratio): rows 0.42, 0.98, 0.60; two batches 0.54, 0.47, 0.39. The rows rank the noise almost exactly;
+    the ratio is then limited by the population energy, which Δ² still gives slowly (over 6 seeds at 4,000
+    forwards the ratio is 0.57 against 0.49)."""
+    rows = torch.tensor([ratio_recovery("snr_rows", seed, 1000) for seed in (7, 1, 2)]).mean(dim=0).tolist()
+    two = torch.tensor([ratio_recovery("snr", seed, 500) for seed in (7, 1, 2)]).mean(dim=0).tolist()
+    print("rows (pop, noise, ratio):", rows, "two batches:", two)
+    assert rows[1] >= 0.9 and rows[2] >= 0.5 and rows[2] > two[2] + 0.1, (rows, two)
+
+
+def test_snr_rows_asks_for_rows_logs_its_two_numbers_and_replays_bitwise():
+    """Two forwards a step, both asked for rows; the two statistics go through decide (the seed log), and a replay
+    that has only the logged floats (no rows) rebuilds weights and state bit for bit."""
+    cfg = zo_config(lr=0.05, curvzo=CurvZOConfig(score="snr_rows", weight_power=0.0))
+    trained = PerExampleQuadratic([1.0, 2.0, 0.5, 1.5], [4.0, 1.0, 8.0, 2.0])
+    opt = CurvZO(trained.shards, cfg, seed=5)
+    log, probes = {}, 0
+    for step in range(1, 31):
+        oracle, seen, asked = trained.oracle(step), [], []
+
+        def loss_fn(batch=0, per_example=False, oracle=oracle, seen=seen, asked=asked):
+            asked.append(per_example)
+            seen.append(oracle(batch, per_example))
+            return seen[-1]
+
+        loss_fn.decide = lambda values, seen=seen: seen.extend(values) or values
+        passes = opt.step(loss_fn, step)["forward_passes"]
+        log[step] = [float(x) for x in seen]
+        if passes == 2:  # ℓ₊, ℓ₋ (both with rows), then Δ² − s²/B and s²; an empty mask reads one loss
+            probes += 1
+            assert asked == [True, True] and len(log[step]) == 4, (asked, log[step])
+    assert probes >= 20 and opt.spread.num_obs == probes and float(opt.spread.estimate().sum()) > 0
+    replayed = PerExampleQuadratic([1.0, 2.0, 0.5, 1.5], [4.0, 1.0, 8.0, 2.0])
+    again = CurvZO(replayed.shards, cfg, seed=5)
+    for step in range(1, 31):
+        values = iter(log[step])
+        replay = lambda batch=0, per_example=False, values=values: next(values)  # noqa: E731
+        replay.decide = lambda decided, values=values: [next(values) for _ in decided]
+        again.step(replay, step)
+    assert torch.equal(trained.theta, replayed.theta)
+    assert json.dumps(opt.state_dict()) == json.dumps(again.state_dict())
+
+
 # ------------------------------------------------------------------ issue 14: curvature relative to gradient
 
 CURV = {"sampling": "curv_ratio", "curvature_every": 10, "max_weight": 0.0}

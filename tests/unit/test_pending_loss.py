@@ -76,3 +76,11 @@ def test_pending_losses_give_the_same_step_as_floats():
             opt.step(loss_fn, step)
         out.append(theta.clone())
     assert torch.equal(out[0], out[1])
+
+
+def test_per_example_losses_come_with_the_mean_in_one_read():
+    """train.enqueue_loss with `at` appends each row's loss; PendingLoss gives them as `per_example`."""
+    loss = PendingLoss(torch.tensor([6.0, 1.0, 1.0, 2.0, 3.0], dtype=torch.float64), rows=3, per_example=True)
+    assert loss.per_example == [1.0, 2.0, 3.0] and float(loss) == 2.0
+    plain = PendingLoss(torch.tensor([6.0, 1.0], dtype=torch.float64), rows=3)
+    assert plain.per_example is None and float(plain) == 2.0

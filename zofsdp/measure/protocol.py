@@ -52,6 +52,8 @@ ARMS = {
     "curvzo:a0": ["zo.optimizer=curvzo", "zo.curvzo.weight_power=0"],
     # the oracle's ranking learned: π ∝ population energy / batch noise from one probe on two batches
     "curvzo:snr": ["zo.optimizer=curvzo", "zo.curvzo.score=snr", "zo.curvzo.weight_power=0"],
+    # the same ranking from the per-example losses of the step's own two forwards (no extra forward)
+    "curvzo:rows": ["zo.optimizer=curvzo", "zo.curvzo.score=snr_rows", "zo.curvzo.weight_power=0"],
     # the learned preconditioner: capped curvature steps and π ∝ Ĝ/tr Ĥ while lr·Σ tr Ĥ > κ, else MeZO + ℓ₀
     "curvzo:step": ["zo.optimizer=curvzo", "zo.curvzo.sampling=curv_step", "zo.curvzo.curvature_every=10",
                     "zo.curvzo.weight_power=0"],
@@ -554,7 +556,7 @@ def time_arms(args, settings: dict, plan: Plan, results: list[dict]) -> dict:
                 warm = args.timing_warmup if arm in ADAPTIVE else 1
                 if rnd < args.timing_warmup - warm:
                     continue
-                t, _, _ = timed2(lambda p=player, r=rnd: p.step(lambda: global_loss(session, batch)[0], r + 1))
+                t, _, _ = timed2(lambda p=player, r=rnd: p.step(lambda **_: global_loss(session, batch)[0], r + 1))
                 if rnd >= args.timing_warmup:
                     step_s[arm].append(t)
     backend.close()

@@ -199,7 +199,7 @@ def _run_step(tracker, optimizer, forward, step: int, persistent: tuple[int, int
     """One optimizer step; the tracker is left and re-entered around each forward to split the phases."""
     phases: list[Peak] = []
 
-    def loss_fn(batch: int = 0) -> float:  # DiZO's search batches: the one measured batch stands in
+    def loss_fn(batch: int = 0, per_example: bool = False) -> float:  # DiZO's search batches: the one measured batch stands in
         tracker.__exit__(None, None, None)
         phases.append(_peak(tracker, "update", persistent))
         try:

@@ -22,6 +22,10 @@ What drives π (`score`; block_stats.py explains the estimators):
   Σ_b m_b(‖ḡ_b‖² + V_b). Two regressions on the masks give the population energy P̂_b and the batch noise
   V̂_b = Ĝ_b − P̂_b; S = ((P̂_b + EXPLORE·mean P̂)/V̂_b)², so π ∝ P̂_b/V̂_b: a per-unit signal-to-noise, the
   ranking (G over Fisher trace) of the landscape bench's best biased sampler. Use it with weight_power 0.
+- `snr_rows`: the same ratio from every probe, with no extra forward: the two forwards return each
+  example's loss, d_i = (ℓ₊ᵢ − ℓ₋ᵢ)/(2ε), and over the B rows s² = var(d_i) has E[s² | m] = Σ_b m_b v_b
+  (v_b the per-example gradient variance) while E[Δ² − s²/B | m] = Σ_b m_b‖ḡ_b‖². Both are regressed on the
+  masks; π ∝ P̂_b/v̂_b. The two statistics go through `decide`, so the seed log holds them and replay is exact.
 - `preset: released` replaces all of this by the released code's rules (block_stats.ReleasedRule).
 Adaptive budget (regression, ema): flatness φ = (d_eff/G + H)/2 of the normalised scores, target
 B* = B_min + (B_max − B_min)·φ, B ← budget_ema·B + (1 − budget_ema)·B*, clipped to [B_min, B_max].
@@ -55,7 +59,7 @@ from __future__ import annotations
 import torch
 
 from zofsdp.noise import Shard
-from zofsdp.optim.base import LossFn, ZOOptimizer
+from zofsdp.optim.base import LossFn, ZOOptimizer, decide
 from zofsdp.optim.block_stats import EmaScores, MaskRegression, ReleasedRule, best_scale
 from zofsdp.optim.sampling import BlockSpec, budgeted_probs, build_units, concentration, generator, read_probs
 
@@ -89,7 +93,10 @@ class CurvZO(ZOOptimizer):
         self.curvature = MaskRegression(num, self.c.forget)
         """(ℓ₊ + ℓ₋ − 2ℓ₀)/ε² regressed on the masks: tr H_b (only fed when curvature_every > 0)."""
         self.signal = MaskRegression(num, self.c.forget)
-        """Δ·Δ' (the probe on two batches) regressed on the masks: ‖ḡ_b‖² without batch noise (score=snr)."""
+        """Δ·Δ' (the probe on two batches; score=snr) or Δ² − s²/B (the rows of one batch; snr_rows) regressed on
+        the masks: ‖ḡ_b‖² without batch noise."""
+        self.spread = MaskRegression(num, self.c.forget)
+        """s², the per-example spread of the probe's differences, regressed on the masks: v_b (score=snr_rows)."""
         self.ema = EmaScores(num, self.c)
         self.released = ReleasedRule(num, self.units.sizes) if released else None
         self.budget = self.released.k / num if released else self.c.budget_init
@@ -113,7 +120,7 @@ class CurvZO(ZOOptimizer):
             s = torch.ones(len(self.units.names), dtype=torch.float64)
         elif self.fixed is not None:
             s = self.fixed.square()  # π ∝ √S
-        elif self.c.score == "snr":
+        elif self.c.score in ("snr", "snr_rows"):
             s = self.snr()
         elif self.curvature_ready():
             s = self.curv_ratio()
@@ -130,7 +137,7 @@ class CurvZO(ZOOptimizer):
         if self.signal.num_obs < num:
             return torch.ones(num, dtype=torch.float64)
         p = self.signal.estimate().clamp_min(0)
-        v = self.g_hat() - self.signal.estimate()
+        v = self.spread.estimate() if self.c.score == "snr_rows" else self.g_hat() - self.signal.estimate()
         v = v.clamp_min(H_FLOOR * max(float(v.max()), 1e-300))
         return ((p + EXPLORE * p.mean()) / v).square()
 
@@ -264,10 +271,11 @@ class CurvZO(ZOOptimizer):
             return {"loss": loss, "projected_grad": 0.0, **record, "forward_passes": 1, **skipped}
         loss_zero = loss_fn() if measure else None  # ℓ₀ at θ, before any perturbation
         second = self.c.score == "snr" and step % self.c.snr_every == 0  # the probe on extra batch 1 too
+        rows = {"per_example": True} if self.c.score == "snr_rows" else {}
         self.perturb(kept, key, +eps, names)
-        loss_plus, plus_2 = loss_fn(), loss_fn(batch=1) if second else 0.0
+        loss_plus, plus_2 = loss_fn(**rows), loss_fn(batch=1) if second else 0.0
         self.perturb(kept, key, -2 * eps, names)
-        loss_minus, minus_2 = loss_fn(), loss_fn(batch=1) if second else 0.0
+        loss_minus, minus_2 = loss_fn(**rows), loss_fn(batch=1) if second else 0.0
         record["forward_passes"] = 2 + (loss_zero is not None) + 2 * second
         if not self.finite(loss_plus, loss_minus, 0.0 if loss_zero is None else loss_zero, plus_2, minus_2):
             self.perturb(kept, key, +eps, names)  # restore only; scores and budget untouched
@@ -282,6 +290,11 @@ class CurvZO(ZOOptimizer):
         self.restore_and_update(kept, key, eps, lambda s: g * weights[self.units.unit_of[s.name]])
         if second:
             self.signal.add(keep, g * (plus_2 - minus_2) / (2 * eps))
+        if rows:  # logged through decide: replay gets these two numbers back without the rows
+            signal, spread = decide(loss_fn, example_stats(loss_plus, loss_minus, eps))
+            if self.finite(signal, spread):
+                self.signal.add(keep, signal)
+                self.spread.add(keep, spread)
         self.learn(keep, probs, g, step, curvature)
         return {"loss": (loss_plus + loss_minus) / 2, "projected_grad": g, **record}
 
@@ -296,7 +309,7 @@ class CurvZO(ZOOptimizer):
                   for name, s, p, gb, hb, k, f in zip(self.units.names, scores, probs, g, h, kept, raw)}
         state = {"optimizer": "curvzo", "budget": self.budget, "blocks": blocks,
                  "energy": self.energy.state_dict(), "curvature": self.curvature.state_dict(),
-                 "signal": self.signal.state_dict()}
+                 "signal": self.signal.state_dict(), "spread": self.spread.state_dict()}
         if self.released is not None:
             state["released"] = self.released.state_dict()
         return state
@@ -312,6 +325,19 @@ class CurvZO(ZOOptimizer):
         self.curvature.load_state_dict(state["curvature"])
         if "signal" in state:  # checkpoints from before score=snr have none
             self.signal.load_state_dict(state["signal"])
+        if "spread" in state:  # nor from before score=snr_rows
+            self.spread.load_state_dict(state["spread"])
         if self.released is not None:
             self.released.load_state_dict(state["released"])
         self.budget = float(state["budget"])
+
+
+def example_stats(loss_plus, loss_minus, eps: float) -> list[float]:
+    """[Δ² − s²/B, s²] from the rows of the two forwards (score=snr_rows), d_i = (ℓ₊ᵢ − ℓ₋ᵢ)/(2ε), Δ = mean d_i,
+    s² = var(d_i); NaNs where the losses carry no rows (replay: `decide` returns the logged values)."""
+    plus, minus = getattr(loss_plus, "per_example", None), getattr(loss_minus, "per_example", None)
+    if not plus or not minus or len(plus) < 2:
+        return [float("nan"), float("nan")]
+    d = (torch.tensor(plus, dtype=torch.float64) - torch.tensor(minus, dtype=torch.float64)) / (2 * eps)
+    spread = float(d.var())
+    return [float(d.mean()) ** 2 - spread / d.numel(), spread]
