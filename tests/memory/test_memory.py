@@ -52,7 +52,7 @@ def check_report(report: dict, num_steps: int) -> None:
             assert max(after) <= after[0], f"{where}: memory grew by {max(after) - after[0]} B over {num_steps} steps"
             # Peaks must not trend up. Compared by medians: on 2 gloo ranks a step's peak can, rarely, hold one
             # transient buffer more (CI once saw +165,200 B at one step of 20 on one rank, 0.5 % of the peak,
-            # never reproduced in 7 runs of 20 steps here) as thread timing decides what is freed first; the
+            # never reproduced in 11 runs of 20 steps here) as thread timing decides what is freed first; the
             # ratio check above bounds every step, and a leak or growing state moves the median.
             peaks = o["peak_per_step"]
             first, last = statistics.median(peaks[:5]), statistics.median(peaks[-5:])
