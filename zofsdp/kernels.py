@@ -25,9 +25,9 @@ from zofsdp import philox
 from zofsdp.noise import Shard, mix_seed
 
 BLOCK = 256
-PLAN_CACHE = 8
-"""Launch plans kept (per shard list): see Kernels._plan."""
 """Philox counters per program (4·BLOCK elements). Any value gives the same numbers."""
+PLAN_CACHE = 8
+"""Launch plans kept (one per shard list): see PhiloxKernels._plan."""
 GROUP_MIN = 1 << 16
 """Shards smaller than this share one grouped launch per dtype (their own launch would be mostly idle)."""
 STORES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}

@@ -93,17 +93,17 @@ class PendingLoss:
     (arithmetic, comparisons, math.isfinite, formatting).
     """
 
-    __slots__ = ("_totals", "_rows", "_value", "_per_example")
+    __slots__ = ("_totals", "_rows", "_value", "_wants_rows", "_per_example")
     __hash__ = None  # equal to a float by value, but not one: keep it out of sets and dict keys
 
     def __init__(self, totals: torch.Tensor, rows: int, per_example: bool = False):
         """`per_example`: totals[2:] holds each row's loss (train.enqueue_loss with `at`), read with the mean."""
         self._totals, self._rows, self._value = totals, rows, None
-        self._per_example: list[float] | bool = per_example
+        self._wants_rows, self._per_example = per_example, None
 
     def __float__(self) -> float:
         if self._value is None:
-            if self._per_example is True:  # one read for the mean and the rows
+            if self._wants_rows:  # one read for the mean and the rows
                 values = self._totals.tolist()
                 self._value, self._per_example = values[0] / self._rows, values[2:]
             else:
@@ -115,7 +115,7 @@ class PendingLoss:
     def per_example(self) -> list[float] | None:
         """Each row's loss over the global batch, when the forward was asked for them; else None."""
         float(self)
-        return self._per_example or None
+        return self._per_example
 
     def __repr__(self) -> str:
         return f"PendingLoss({float(self)!r})"

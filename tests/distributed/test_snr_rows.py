@@ -34,5 +34,6 @@ def test_two_ranks_take_the_one_process_steps_and_replay_is_bitwise(tmp_path):
     assert_same_trajectory(a, b, keys=("loss", "projected_grad", "keep_fraction"))
     assert len({round(m["keep_fraction"], 6) for m in a}) > 1  # π moved once the 4 units were observed
     run_cli(["replay", "--base", "tiny-llama", "--run", str(one), "--out", str(tmp_path / "replayed")])
-    trained, rebuilt = full_tensors(one / CKPT / f"step_{STEPS:08d}"), load_file(tmp_path / "replayed" / "model.safetensors")
+    trained = full_tensors(one / CKPT / f"step_{STEPS:08d}")
+    rebuilt = load_file(tmp_path / "replayed" / "model.safetensors")
     assert all(torch.equal(trained[k], rebuilt[k]) for k in trained)

@@ -167,7 +167,8 @@ def other_steps(args, shards, probe, forward, device, mezo_s: float, forward_s: 
         for s in range(args.warmup, args.warmup + args.reps):
             times.append(timed(lambda s=s: records.append(opt.step(forward, s)), device))
         step_s = statistics.median(times)
-        out[name] = {"step_s": step_s, "step_over_mezo_step": step_s / mezo_s, "step_over_forwards": step_s / (2 * forward_s),
+        out[name] = {"step_s": step_s, "step_over_mezo_step": step_s / mezo_s,
+                     "step_over_forwards": step_s / (2 * forward_s),
                      "forward_passes": statistics.mean(r.get("forward_passes", 2) for r in records),
                      "keep_fraction": statistics.mean(r.get("keep_fraction", 1.0) for r in records),
                      "step_over_inference_memory": peak(device) / inference_peak}

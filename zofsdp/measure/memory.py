@@ -267,11 +267,12 @@ def measured_table(report: dict) -> str:
                          f"{_fmt(o['zo_step']['total']):>12}  {o['ratio']:.4f}  {growth:>10.0f} B  {cats}")
         if r.get("load"):
             load = r["load"]
-            # k in peak = shard + k x largest: ~0 for FSDP2's lean load, ~2.5 for DeepSpeed's zero.Init on CPU
-            k = (load['peak_anon_above_baseline'] - load['shard_bytes']) / max(load['largest_tensor_bytes'], 1)
-            # On a GPU the shard is loaded into device memory: the host holds only transients, no shard.
-            where = (f"the shard, {_fmt(load['shard_bytes'])}, went to {report['device']}" if "cuda" in report["device"]
-                     else f"shard {_fmt(load['shard_bytes'])} + {k:.1f} x largest tensor {_fmt(load['largest_tensor_bytes'])}")
+            if "cuda" in report["device"]:  # the shard went to device memory: the host held only transients
+                where = f"the shard, {_fmt(load['shard_bytes'])}, went to {report['device']}"
+            else:  # k in peak = shard + k x largest: ~0 for FSDP2's lean load, ~2.5 for DeepSpeed's zero.Init
+                k = (load['peak_anon_above_baseline'] - load['shard_bytes']) / max(load['largest_tensor_bytes'], 1)
+                where = (f"shard {_fmt(load['shard_bytes'])} + {k:.1f} x largest tensor "
+                         f"{_fmt(load['largest_tensor_bytes'])}")
             lines.append(f"      host peak while loading: +{_fmt(load['peak_anon_above_baseline'])} anonymous "
                          f"(measured; {where}; resident after "
                          f"+{_fmt(load['anon_after'] - load['baseline_anon'])}; {load['seconds']:.1f} s)")

@@ -282,8 +282,7 @@ def summarize(results: list[dict], settings: dict, arms: list[str], lrs: list[fl
             row[f"S{int(f * 100)}"] = {
                 "per_seed": s["per_seed"], "censored": s["censored"], "geomean": gm, "ci": [lo, hi],
                 "sd_log": float(np.std(np.log(vals), ddof=1)) if len(vals) > 1 else None,
-                "wall": None if ratio is None else {"geomean": gm * ratio, "ci": [lo * ratio, hi * ratio],
-                                                   "decision": decision((lo * ratio, hi * ratio), len(vals))}}
+                "wall": None if ratio is None else scaled(gm, lo, hi, ratio, len(vals))}
         if step_model and "S50" in row:
             row["S50"]["projected"] = project(row["S50"], row["mean_keep_fraction"], step_model)
         out[arm] = row
@@ -317,12 +316,16 @@ def read_step_model(path: str) -> dict:
     return step_time_model(checks[-1])
 
 
+def scaled(geomean: float, lo: float, hi: float, factor: float, num_seeds: int) -> dict:
+    """A speedup in forward passes turned into one in time: × (MeZO's step time / the arm's)."""
+    return {"geomean": geomean * factor, "ci": [lo * factor, hi * factor],
+            "decision": decision((lo * factor, hi * factor), num_seeds)}
+
+
 def project(s50: dict, keep: float, model: dict) -> dict:
     """S50 in the wall time of `model`'s machine: S ÷ (t(keep) / t(1)). Arithmetic on two measurements."""
     ratio = (model["a"] + model["b"] * keep) / (model["a"] + model["b"])
-    lo, hi = s50["ci"]
-    return {"step_ratio": ratio, "geomean": s50["geomean"] / ratio, "ci": [lo / ratio, hi / ratio],
-            "decision": decision((lo / ratio, hi / ratio), len(s50["per_seed"]))}
+    return {"step_ratio": ratio, **scaled(s50["geomean"], *s50["ci"], 1 / ratio, len(s50["per_seed"]))}
 
 
 def steady_step_times(results: list[dict], settings: dict) -> dict:

@@ -199,7 +199,8 @@ def _run_step(tracker, optimizer, forward, step: int, persistent: tuple[int, int
     """One optimizer step; the tracker is left and re-entered around each forward to split the phases."""
     phases: list[Peak] = []
 
-    def loss_fn(batch: int = 0, per_example: bool = False) -> float:  # DiZO's search batches: the one measured batch stands in
+    # DiZO's search batches: the one measured batch stands in; no per-example rows (snr_rows then skips a score)
+    def loss_fn(batch: int = 0, per_example: bool = False) -> float:
         tracker.__exit__(None, None, None)
         phases.append(_peak(tracker, "update", persistent))
         try:

@@ -132,7 +132,7 @@ class CurvZO(ZOOptimizer):
         return s / s.sum()
 
     def snr(self) -> torch.Tensor:
-        """score=snr: ((P̂ + EXPLORE·mean P̂)/V̂)², flat until every unit has a two-batch observation."""
+        """score=snr / snr_rows: ((P̂ + EXPLORE·mean P̂)/V̂)², flat until there are as many observations as units."""
         num = len(self.units.names)
         if self.signal.num_obs < num:
             return torch.ones(num, dtype=torch.float64)
@@ -333,8 +333,9 @@ class CurvZO(ZOOptimizer):
 
 
 def example_stats(loss_plus, loss_minus, eps: float) -> list[float]:
-    """[Δ² − s²/B, s²] from the rows of the two forwards (score=snr_rows), d_i = (ℓ₊ᵢ − ℓ₋ᵢ)/(2ε), Δ = mean d_i,
-    s² = var(d_i); NaNs where the losses carry no rows (replay: `decide` returns the logged values)."""
+    """[Δ² − s²/B, s²] from the rows of the two forwards (score=snr_rows): d_i = (ℓ₊ᵢ − ℓ₋ᵢ)/(2ε),
+    Δ = mean d_i, s² = var(d_i). NaNs where the losses carry no rows (replay: `decide` returns the logged
+    values)."""
     plus, minus = getattr(loss_plus, "per_example", None), getattr(loss_minus, "per_example", None)
     if not plus or not minus or len(plus) < 2:
         return [float("nan"), float("nan")]
